@@ -1,0 +1,196 @@
+"""The one configuration module of vllm-sepllm.
+
+Settings come from ``--additional-config '{"sepllm": {...}}'`` (or ``LLM(...,
+additional_config={"sepllm": {...}})``); environment variables ``VLLM_SEPLLM_<KEY>`` fill in
+keys the additional config does not set. Everything is validated at start-up; a bad value
+fails with one line that names the field and the value.
+
+Keys (defaults follow the official SepLLM code, see README "Configuration"):
+
+=====================  =========  =============================================================
+key                    default    meaning
+=====================  =========  =============================================================
+mode                   "sepllm"   "sepllm": sinks + separators + window; "streamingllm":
+                                  sinks + window only; "full": no eviction (plain attention).
+num_sinks              4          a: the first ``a`` tokens are always kept.
+sep_cap                64         s: keep at most the ``s`` newest separators that left the
+                                  window; ``null`` keeps all of them.
+window                 256        w: the ``w`` most recent tokens (the query included).
+separators             ".,?!;:"   separator characters, plus space, tab and newline
+                       + " \\t\\n"
+separator_token_ids    null       explicit separator token ids; overrides derivation from
+                                  the tokenizer (see separators.py).
+=====================  =========  =============================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+MODES = ("sepllm", "streamingllm", "full")
+DEFAULT_SEPARATORS = ".,?!;: \t\n"
+ENV_PREFIX = "VLLM_SEPLLM_"
+
+
+class SepLLMConfigError(ValueError):
+    """A bad SepLLM setting. The message is one line naming the field and the value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SepLLMConfig:
+    mode: str = "sepllm"
+    num_sinks: int = 4
+    sep_cap: int | None = 64
+    window: int = 256
+    separators: str = DEFAULT_SEPARATORS
+    separator_token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, MODES)
+        _check_int("num_sinks", self.num_sinks, minimum=0)
+        if self.sep_cap is not None:
+            _check_int("sep_cap", self.sep_cap, minimum=0)
+        _check_int("window", self.window, minimum=1)
+        if not isinstance(self.separators, str) or not self.separators:
+            raise SepLLMConfigError(
+                f"sepllm.separators must be a non-empty string, got {self.separators!r}"
+            )
+        if self.separator_token_ids is not None:
+            ids = self.separator_token_ids
+            if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+            ):
+                raise SepLLMConfigError(
+                    "sepllm.separator_token_ids must be a list of non-negative integers, "
+                    f"got {ids!r}"
+                )
+            object.__setattr__(self, "separator_token_ids", tuple(ids))
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def evicts(self) -> bool:
+        """Whether this config evicts anything (``full`` mode keeps every token)."""
+        return self.mode != "full"
+
+    @property
+    def retention(self) -> "Retention":
+        """The (a, s, w) triple the policy applies; see :class:`Retention`."""
+        from vllm_sepllm.policy import FULL_WINDOW, Retention
+
+        if self.mode == "full":
+            return Retention(num_sinks=0, sep_cap=None, window=FULL_WINDOW)
+        cap = 0 if self.mode == "streamingllm" else self.sep_cap
+        return Retention(num_sinks=self.num_sinks, sep_cap=cap, window=self.window)
+
+    def with_overrides(self, overrides: dict[str, Any], where: str = "sepllm") -> SepLLMConfig:
+        """A copy with ``overrides`` applied (validated like the start-up config)."""
+        return _from_mapping(overrides, base=self, where=where)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["separator_token_ids"] is not None:
+            d["separator_token_ids"] = list(d["separator_token_ids"])
+        return d
+
+
+# ---------------------------------------------------------------------- parsing
+_FIELDS = {f.name: f for f in dataclasses.fields(SepLLMConfig)}
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else "an integer >= 0"
+        raise SepLLMConfigError(f"sepllm.{name} must be {kind}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SepLLMConfigError(
+            f"sepllm.{name} must be one of {', '.join(choices)}; got {value!r}"
+        )
+
+
+def _from_mapping(
+    raw: Any, base: SepLLMConfig | None = None, where: str = "sepllm"
+) -> SepLLMConfig:
+    if not isinstance(raw, dict):
+        raise SepLLMConfigError(f"{where} must be a JSON object, got {raw!r}")
+    unknown = sorted(set(raw) - set(_FIELDS))
+    if unknown:
+        raise SepLLMConfigError(
+            f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(_FIELDS)})"
+        )
+    values = dataclasses.asdict(base) if base is not None else {}
+    values.update(raw)
+    return SepLLMConfig(**values)
+
+
+def _parse_env_value(name: str, text: str) -> Any:
+    if name in ("separators", "mode"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise SepLLMConfigError(
+            f"{ENV_PREFIX}{name.upper()} must be JSON (e.g. 64, null, [13, 11]), got {text!r}"
+        ) from None
+
+
+def from_additional_config(additional_config: Any, environ: dict[str, str] | None = None
+                           ) -> SepLLMConfig:
+    """Build the engine-wide config from vLLM's ``additional_config`` and the environment.
+
+    ``additional_config["sepllm"]`` may be a dict or a JSON string. Environment variables
+    ``VLLM_SEPLLM_<KEY>`` (e.g. ``VLLM_SEPLLM_WINDOW=128``) apply to keys it leaves unset.
+    """
+    environ = os.environ if environ is None else environ
+    section: Any = {}
+    if additional_config:
+        if not isinstance(additional_config, dict):
+            raise SepLLMConfigError(
+                f"additional_config must be a JSON object, got {additional_config!r}"
+            )
+        section = additional_config.get("sepllm", {})
+        if isinstance(section, str):
+            try:
+                section = json.loads(section)
+            except json.JSONDecodeError as e:
+                raise SepLLMConfigError(
+                    f"additional_config.sepllm is not valid JSON ({e.msg}): {section!r}"
+                ) from None
+        if not isinstance(section, dict):
+            raise SepLLMConfigError(f"additional_config.sepllm must be an object, got {section!r}")
+    values = {}
+    for name in _FIELDS:
+        env = environ.get(ENV_PREFIX + name.upper())
+        if env is not None and name not in section:
+            values[name] = _parse_env_value(name, env)
+    values.update(section)
+    return _from_mapping(values, where="additional_config.sepllm")
+
+
+#: Keys a request may override through ``SamplingParams.extra_args["sepllm"]``.
+PER_REQUEST_KEYS = ("mode", "num_sinks", "sep_cap", "window")
+
+
+def request_config(engine: SepLLMConfig, extra_args: dict[str, Any] | None) -> SepLLMConfig:
+    """The config of one request: the engine config with its ``extra_args["sepllm"]`` applied.
+
+    Separator sets are engine-wide (they shape the worker's lookup table), so a request may
+    override only :data:`PER_REQUEST_KEYS`.
+    """
+    if not extra_args or "sepllm" not in extra_args:
+        return engine
+    overrides = extra_args["sepllm"]
+    if not isinstance(overrides, dict):
+        raise SepLLMConfigError(f"extra_args.sepllm must be an object, got {overrides!r}")
+    bad = sorted(set(overrides) - set(PER_REQUEST_KEYS))
+    if bad:
+        raise SepLLMConfigError(
+            f"extra_args.sepllm: key {bad[0]!r} cannot be set per request "
+            f"(per-request keys: {', '.join(PER_REQUEST_KEYS)})"
+        )
+    return engine.with_overrides(overrides, where="extra_args.sepllm")

@@ -1,0 +1,184 @@
+"""The SepLLM retention policy: which tokens a query sees and which the cache keeps.
+
+Pure Python (no torch): the scheduler runs it, and it is unit-tested on its own.
+
+Semantics
+---------
+Token ids ``x[0..]``, separator id set ``S``, retention ``(a, s, w)``. A query at position
+``t`` sees key position ``p`` iff ``p <= t`` and one of
+
+* **sink**: ``p < a``;
+* **window**: ``p > t - w`` (the ``w`` most recent tokens, the query itself included);
+* **separator**: ``x[p] in S``, ``a <= p <= t - w``, and fewer than ``s`` separators lie
+  strictly between ``p`` and ``t - w + 1`` (the ``s`` newest separators that left the window;
+  ``s = None`` keeps all).
+
+Visibility is monotone: a key a query cannot see, no later query sees. So the cache may drop
+every token the *next* query cannot see. Before computing positions ``[n, n + q)`` the cache
+holds exactly ``R(n) = {p < n : query n sees p}``; the chunk's later queries see a subset of
+``R(n)`` plus the chunk (their mask is applied by the attention backend). During decoding
+(``q = 1``) the cache plus the new token is exactly what the query sees, so decode attention
+needs no mask.
+
+Compaction
+----------
+The cache of a request is a dense array of cache indices ``[0, len)``; index ``i`` holds the
+token at logical position ``slots[i]`` (any order: attention does not depend on key order, and
+RoPE was applied at the logical position). Evicting makes holes; live tokens from the tail
+move into holes below the new length, so the array stays dense and the tail blocks can be
+freed. New tokens are appended, so a token at position ``p`` computed after ``D`` tokens were
+dropped is written at cache index ``p - D``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections import deque
+from collections.abc import Collection, Sequence
+
+#: Window of the ``full`` mode: larger than any context.
+FULL_WINDOW = 1 << 62
+
+
+@dataclasses.dataclass(frozen=True)
+class Retention:
+    """``a`` sinks, cap ``s`` on separators (``None``: no cap), window ``w`` (query included)."""
+
+    num_sinks: int
+    sep_cap: int | None
+    window: int
+
+
+# ------------------------------------------------------------------ reference definitions
+def visible(t: int, p: int, token_ids: Sequence[int], sep_ids: Collection[int],
+            r: Retention) -> bool:
+    """Whether the query at position ``t`` sees key position ``p`` (the definition, O(t))."""
+    if p > t:
+        return False
+    if p < r.num_sinks or p > t - r.window:
+        return True
+    if token_ids[p] not in sep_ids:
+        return False
+    if r.sep_cap is None:
+        return True
+    newer = sum(1 for q in range(p + 1, t - r.window + 1) if token_ids[q] in sep_ids)
+    return newer < r.sep_cap
+
+
+def retained_positions(token_ids: Sequence[int], n: int, sep_ids: Collection[int],
+                       r: Retention) -> list[int]:
+    """``R(n)``: the positions below ``n`` that the query at ``n`` sees, ascending.
+
+    Linear time; this is what :class:`RequestCache` must hold after :meth:`RequestCache.advance`.
+    """
+    a, w = r.num_sinks, r.window
+    window_start = max(n - w + 1, 0)
+    seps = [p for p in range(a, min(window_start, n)) if token_ids[p] in sep_ids]
+    if r.sep_cap is not None:
+        seps = seps[max(len(seps) - r.sep_cap, 0):] if r.sep_cap else []
+    head = list(range(min(a, n)))
+    tail = list(range(max(window_start, min(a, n)), n))
+    return head + seps + tail
+
+
+def separator_rank_threshold(sep_positions: Sequence[int], t: int, r: Retention) -> int:
+    """For a query at ``t``: separators at index ``>= threshold`` of the ascending list
+    ``sep_positions`` (separator positions ``>= a``) that lie before the window are visible.
+    Used by tests of the mask builders."""
+    before_window = bisect.bisect_left(sep_positions, t - r.window + 1)
+    if r.sep_cap is None:
+        return 0
+    return max(before_window - r.sep_cap, 0)
+
+
+# ------------------------------------------------------------------ incremental cache state
+@dataclasses.dataclass
+class Compaction:
+    """What one :meth:`RequestCache.advance` did.
+
+    ``moves``: ``(src, dst)`` cache-index pairs, ``src >= new_len > dst``; sources and
+    destinations are disjoint, so all moves may run at once. ``num_evicted``: tokens dropped.
+    """
+
+    moves: list[tuple[int, int]]
+    num_evicted: int
+
+
+class RequestCache:
+    """Scheduler-side record of one request's compacted KV cache.
+
+    ``slots[i]`` is the logical position held at cache index ``i``. ``num_computed`` is the
+    logical length covered (KV of positions ``< num_computed`` was written or evicted).
+    """
+
+    __slots__ = ("retention", "sep_ids", "slots", "index", "frontier", "seps",
+                 "num_computed", "num_evicted")
+
+    def __init__(self, retention: Retention, sep_ids: Collection[int]) -> None:
+        self.retention = retention
+        self.sep_ids = sep_ids
+        self.slots: list[int] = []
+        self.index: dict[int, int] = {}
+        # Positions in [a, frontier) have been classified (kept as separator or evicted).
+        self.frontier = retention.num_sinks
+        # Kept separator positions in [a, frontier), oldest first.
+        self.seps: deque[int] = deque()
+        self.num_computed = 0
+        self.num_evicted = 0
+
+    @property
+    def num_dropped(self) -> int:
+        """``D``: logical tokens minus cached tokens; new token ``p`` goes to index ``p - D``."""
+        return self.num_computed - len(self.slots)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def advance(self, n: int, token_ids: Sequence[int]) -> Compaction:
+        """Record that positions ``< n`` are computed, evict what query ``n`` cannot see and
+        compact. ``token_ids`` must hold (at least) the ids of positions ``< n - w + 1``."""
+        if n < self.num_computed:
+            raise ValueError(
+                f"RequestCache.advance: n={n} is below num_computed={self.num_computed}"
+            )
+        for p in range(self.num_computed, n):
+            self.index[p] = len(self.slots)
+            self.slots.append(p)
+        self.num_computed = n
+
+        r = self.retention
+        window_start = n - r.window + 1
+        if window_start <= self.frontier:
+            return Compaction([], 0)
+        if window_start > len(token_ids):
+            raise RuntimeError(
+                f"sepllm: token id of position {len(token_ids)} is not known yet "
+                f"(window start {window_start}); window too small for async scheduling"
+            )
+        holes: list[int] = []
+        for p in range(self.frontier, window_start):
+            if token_ids[p] in self.sep_ids:
+                self.seps.append(p)
+                if r.sep_cap is not None and len(self.seps) > r.sep_cap:
+                    holes.append(self.index.pop(self.seps.popleft()))
+            else:
+                holes.append(self.index.pop(p))
+        self.frontier = window_start
+        if not holes:
+            return Compaction([], 0)
+        self.num_evicted += len(holes)
+        return Compaction(self._fill_holes(holes), len(holes))
+
+    def _fill_holes(self, holes: list[int]) -> list[tuple[int, int]]:
+        new_len = len(self.slots) - len(holes)
+        hole_set = set(holes)
+        low_holes = sorted(h for h in holes if h < new_len)
+        tail_live = [i for i in range(new_len, len(self.slots)) if i not in hole_set]
+        moves = list(zip(tail_live, low_holes))
+        for src, dst in moves:
+            pos = self.slots[src]
+            self.slots[dst] = pos
+            self.index[pos] = dst
+        del self.slots[new_len:]
+        return moves
