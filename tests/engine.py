@@ -1,0 +1,44 @@
+"""Starting vLLM on CPU for tests: small, eager, float32 (token-exact comparisons)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterator
+
+
+def cpu_engine_kwargs(**overrides) -> dict:
+    kwargs = dict(
+        dtype="float32",
+        max_model_len=2048,
+        enforce_eager=True,
+        kv_cache_memory_bytes=1 << 30,
+        max_num_seqs=16,
+        max_num_batched_tokens=256,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+@contextlib.contextmanager
+def llm_engine(model: str, **overrides) -> Iterator:
+    from vllm import LLM
+
+    llm = LLM(model=model, **cpu_engine_kwargs(**overrides))
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def greedy_ids(llm, prompt_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
+                        use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]

@@ -1,0 +1,147 @@
+"""Independent reference for SepLLM decoding: Hugging Face transformers with an explicit attention mask.
+
+Nothing here comes from the plugin (only the test model helper, ``vllm_sepllm.testing``): the
+model runs unchanged in float32 with eager attention, and SepLLM is expressed purely as which keys
+each query may see. Tokens sit at their original positions 0..L-1 (no position shifting).
+
+Visibility, for token ids ``x[0..L-1]``: query ``t`` sees key ``p`` iff ``p <= t`` and one of
+
+(i)   sink:      ``p < a``;
+(ii)  window:    ``p > t - w`` (the ``w`` most recent tokens, the query included);
+(iii) separator: ``x[p]`` is a separator, ``a <= p <= t - w``, and fewer than ``s`` separators
+      lie at positions ``q`` with ``p < q < t - w + 1`` and ``q >= a`` (``s=None``: no cap;
+      ``s=0``: no separators kept).
+
+Modes: ``"sepllm"`` as above, ``"streamingllm"`` with no separators, ``"full"`` plain causal.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+
+MODES = ("sepllm", "streamingllm", "full")
+
+
+def _visible_rows(
+    token_ids: list[int], sep_ids: Iterable[int], a: int, s: int | None, w: int, first_query: int
+) -> np.ndarray:
+    """Visibility of every key for the queries ``first_query..L-1``.
+
+    Returns:
+        bool array ``[L - first_query, L]``, row ``i`` for query ``first_query + i``.
+    """
+    if w < 1:
+        raise ValueError(f"the window must hold the query itself, w >= 1 (got {w})")
+    n = len(token_ids)
+    t = np.arange(first_query, n)[:, None]  # [Q, 1] query positions
+    p = np.arange(n)[None, :]  # [1, L] key positions
+    sep_set = set(sep_ids)
+    is_sep = np.array([tok in sep_set for tok in token_ids], dtype=bool)
+    is_sep[:a] = False  # sinks are never counted as separators
+    seps_before = np.concatenate(([0], np.cumsum(is_sep)))  # [L + 1]: separators at positions < i
+    window_start = t - w + 1  # [Q, 1]: first position inside the window
+
+    separator = is_sep[None, :] & (p < window_start)
+    if s is not None:
+        # Separators at positions p+1 .. window_start-1 (empty unless p < window_start).
+        newer = seps_before[np.clip(window_start, 0, n)] - seps_before[None, 1:]
+        separator &= newer < s
+    return (p <= t) & ((p < a) | (p >= window_start) | separator)
+
+
+def sepllm_mask(token_ids: list[int], sep_ids: Iterable[int], a: int, s: int | None, w: int) -> torch.Tensor:
+    """The SepLLM visibility mask of a whole sequence.
+
+    Args:
+        token_ids: the ``L`` token ids ``x[0..L-1]``.
+        sep_ids: the separator token ids.
+        a: number of sink tokens (positions ``0..a-1``).
+        s: how many separators that left the window are kept (most recent first); ``None``: all.
+        w: window size, query included (``w >= 1``).
+
+    Returns:
+        bool tensor ``[L, L]``; ``mask[t, p]`` is True iff query ``t`` may attend to key ``p``.
+    """
+    return torch.from_numpy(_visible_rows(token_ids, sep_ids, a, s, w, first_query=0))
+
+
+@functools.lru_cache(maxsize=2)
+def load_model(model_path: str) -> PreTrainedModel:
+    """The model at ``model_path`` in float32 with eager attention, loaded once per path, in eval mode."""
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
+    )
+    return model.eval()
+
+
+def _additive(visible: np.ndarray) -> torch.Tensor:
+    """``[Q, K]`` visibility as the ``[1, 1, Q, K]`` float32 mask eager attention adds to its scores."""
+    mask = torch.zeros(visible.shape, dtype=torch.float32)
+    mask.masked_fill_(torch.from_numpy(~visible), float("-inf"))
+    return mask[None, None]
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model_path: str,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sep_ids: Iterable[int],
+    a: int,
+    s: int | None,
+    w: int,
+    mode: str = "sepllm",
+    eos_token_id: int | None = None,
+) -> list[int]:
+    """Greedy decoding under the SepLLM mask, applied to the prompt and to every generated token.
+
+    The prompt is run in one forward pass with its ``[P, P]`` mask, then each new token in one pass
+    with a KV cache and its mask row over all previous keys. This is exact: a query's row depends
+    only on the tokens up to it, so the cached keys/values are those a full recomputation gives.
+
+    Args:
+        model_path: Hugging Face model folder.
+        prompt_ids: the ``P`` prompt token ids (``P >= 1``).
+        max_new_tokens: how many tokens to generate.
+        sep_ids, a, s, w: SepLLM parameters, as in :func:`sepllm_mask` (``mode="full"`` ignores them).
+        mode: ``"sepllm"``, ``"streamingllm"`` (``sep_ids`` ignored: no separators) or ``"full"``
+            (plain causal attention).
+        eos_token_id: stop after generating this token (it is included); None: always generate
+            ``max_new_tokens`` tokens, like vLLM's ``ignore_eos=True``.
+
+    Returns:
+        the generated token ids only (at most ``max_new_tokens``).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if mode == "streamingllm":
+        sep_ids = ()
+    elif mode == "full":
+        w = len(prompt_ids) + max_new_tokens  # the window covers everything: plain causal
+    model = load_model(model_path)
+    cache = DynamicCache(config=model.config)
+    tokens = list(prompt_ids)
+    generated: list[int] = []
+    first_query = 0  # the prompt's queries first, then one query per step
+    while len(generated) < max_new_tokens:
+        visible = _visible_rows(tokens, sep_ids, a, s, w, first_query)
+        logits = model(
+            input_ids=torch.tensor([tokens[first_query:]]),
+            attention_mask=_additive(visible),
+            position_ids=torch.arange(first_query, len(tokens))[None],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits  # [1, 1, vocab]
+        next_id = int(logits[0, -1].argmax())
+        generated.append(next_id)
+        if next_id == eos_token_id:
+            break
+        first_query = len(tokens)
+        tokens.append(next_id)
+    return generated

@@ -1,0 +1,118 @@
+"""Scheduler side: the SepLLM KV-cache spec and its block manager.
+
+Workers report :class:`SepLLMSpec` for every attention layer when SEPLLM is selected; vLLM's
+KV-cache-spec registry then builds a :class:`SepLLMManager` for the group. The manager is
+vLLM's full-attention manager plus, per request, a :class:`~vllm_sepllm.policy.RequestCache`:
+
+* block demand counts cached tokens (``logical - D``), not logical tokens;
+* :meth:`SepLLMManager.evict` runs the retention policy, compacts the request's cache into its
+  lowest blocks and returns the freed tail blocks to vLLM's block pool;
+* ``free`` (finish, abort, preemption) drops the request's record with its blocks.
+
+Prefix caching is off under SEPLLM (compaction rewrites blocks in place, so a block's content
+no longer matches its hash); ``cache_blocks`` refuses to run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Sequence
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.single_type_kv_cache_manager import (
+    FullAttentionManager,
+    register_all_kvcache_specs,
+)
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from vllm_sepllm.policy import Compaction, RequestCache, Retention
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SepLLMSpec(FullAttentionSpec):
+    """A full-attention layer whose KV the SepLLM manager evicts and compacts."""
+
+    @classmethod
+    def from_full(cls, spec: FullAttentionSpec) -> SepLLMSpec:
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+        return cls(**fields)
+
+
+class SepLLMManager(FullAttentionManager):
+    """Full-attention block manager whose requests hold only their retained tokens."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.enable_caching:
+            raise ValueError("SEPLLM requires prefix caching off (--no-enable-prefix-caching)")
+        self.caches: dict[str, RequestCache] = {}
+        #: Blocks returned to the pool by compaction since start-up (a metric).
+        self.num_blocks_freed = 0
+        #: Tokens a waiting request is assumed to need at admission (set by the scheduler):
+        #: about a + s + w + one chunk instead of the whole prompt.
+        self.admission_token_cap: int | None = None
+
+    # -------------------------------------------------------------- SepLLM operations
+    def evict(self, request_id: str, num_computed: int, token_ids: Sequence[int],
+              retention: Retention, sep_ids: Collection[int]) -> Compaction:
+        """Evict what the request's next query cannot see, compact, free the tail blocks."""
+        cache = self.caches.get(request_id)
+        if cache is None:
+            cache = self.caches[request_id] = RequestCache(retention, sep_ids)
+        compaction = cache.advance(num_computed, token_ids)
+        if compaction.num_evicted:
+            blocks = self.req_to_blocks[request_id]
+            keep = cdiv(len(cache), self.block_size)
+            if keep < len(blocks):
+                tail = blocks[keep:]
+                del blocks[keep:]
+                self.block_pool.free_blocks(reversed(tail))
+                self.num_blocks_freed += len(tail)
+        return compaction
+
+    def num_dropped(self, request_id: str) -> int:
+        cache = self.caches.get(request_id)
+        return 0 if cache is None else cache.num_dropped
+
+    # -------------------------------------------------------------- vLLM overrides
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args,
+                                   apply_admission_cap: bool = False, **kwargs) -> int:
+        dropped = self.num_dropped(request_id)
+        num_tokens -= dropped
+        if apply_admission_cap and self.admission_token_cap is not None:
+            num_tokens = min(num_tokens, self.admission_token_cap)
+        if "num_tokens_main_model" in kwargs:
+            kwargs["num_tokens_main_model"] -= dropped
+        elif len(args) >= 4:
+            args = (*args[:3], args[3] - dropped, *args[4:])
+        return super().get_num_blocks_to_allocate(
+            request_id, num_tokens, *args, apply_admission_cap=apply_admission_cap, **kwargs
+        )
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int,
+                            num_tokens_main_model: int):
+        dropped = self.num_dropped(request_id)
+        return super().allocate_new_blocks(
+            request_id, num_tokens - dropped, num_tokens_main_model - dropped
+        )
+
+    def free(self, request_id: str) -> None:
+        self.caches.pop(request_id, None)
+        super().free(request_id)
+
+    def cache_blocks(self, request, num_tokens: int) -> None:  # noqa: ANN001
+        raise RuntimeError("SEPLLM: prefix caching must be off; blocks are rewritten")
+
+
+def _register() -> None:
+    # The registry fills in vLLM's built-in specs only while it is empty: do that first.
+    register_all_kvcache_specs(None)
+    KVCacheSpecRegistry.register(
+        SepLLMSpec, SepLLMManager, uniform_type_base_spec=FullAttentionSpec
+    )
+
+
+# Registered on import: unpickling a SepLLMSpec (engine core receives the workers' specs)
+# imports this module, so the registry knows the spec before KV-cache groups are formed.
+_register()

