@@ -1,6 +1,8 @@
-"""Self-tests of the Hugging Face SepLLM oracle: the mask on hand-made cases, and the model against plain HF."""
+"""Self-tests of the Hugging Face SepLLM oracle: the mask on hand-made cases, the model against plain HF."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
@@ -63,6 +65,26 @@ def test_huge_window_is_causal():
     assert torch.equal(mask, torch.ones(4, 4, dtype=torch.bool).tril())
 
 
+def brute_force_visible(x: list[int], seps: set[int], a: int, s: int | None, w: int, t: int, p: int) -> bool:
+    """The definition, literally, for one (query, key) pair."""
+    if p > t:
+        return False
+    if p < a or p > t - w:
+        return True
+    newer = sum(1 for q in range(p + 1, t - w + 1) if q >= a and x[q] in seps)
+    return x[p] in seps and (s is None or newer < s)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_mask_matches_brute_force_definition(seed):
+    rng = random.Random(seed)
+    x = [rng.choice([SEP, 1, 2, 3]) for _ in range(rng.randint(1, 40))]
+    a, w, s = rng.randint(0, 5), rng.randint(1, 12), rng.choice([None, 0, 1, 2, 5])
+    mask = sepllm_mask(x, {SEP}, a, s, w)
+    expected = [[brute_force_visible(x, {SEP}, a, s, w, t, p) for p in range(len(x))] for t in range(len(x))]
+    assert mask.tolist() == expected
+
+
 # `model_path` (from `smollm2_path()`) and `tokenizer` are session fixtures of conftest.py.
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer) -> list[int]:
@@ -76,8 +98,9 @@ def test_full_window_equals_plain_hf_greedy(model_path, prompt_ids):
     reference = model.generate(torch.tensor([prompt_ids]), max_new_tokens=8, do_sample=False)
     reference = reference[0, len(prompt_ids) :].tolist()
     window = len(prompt_ids) + 8
-    assert greedy_generate(model_path, prompt_ids, 8, {PERIOD}, 4, 2, window, eos_token_id=eos) == reference
-    assert greedy_generate(model_path, prompt_ids, 8, (), 0, None, 1, mode="full", eos_token_id=eos) == reference
+    sepllm = greedy_generate(model_path, prompt_ids, 8, {PERIOD}, 4, 2, window, eos_token_id=eos)
+    full = greedy_generate(model_path, prompt_ids, 8, (), 0, None, 1, mode="full", eos_token_id=eos)
+    assert sepllm == full == reference
 
 
 def test_mask_is_honoured_and_decoding_matches_one_full_pass(model_path, prompt_ids):
@@ -88,7 +111,8 @@ def test_mask_is_honoured_and_decoding_matches_one_full_pass(model_path, prompt_
     assert new != greedy_generate(model_path, prompt_ids, 8, (), 0, None, 1, mode="full")
 
     tokens = prompt_ids + new
-    additive = torch.zeros(len(tokens), len(tokens)).masked_fill(~sepllm_mask(tokens, sep_ids, a, s, w), -torch.inf)
+    hidden = ~sepllm_mask(tokens, sep_ids, a, s, w)
+    additive = torch.zeros(len(tokens), len(tokens)).masked_fill(hidden, -torch.inf)
     with torch.inference_mode():
         logits = load_model(model_path)(torch.tensor([tokens]), attention_mask=additive[None, None]).logits
     assert logits[0, len(prompt_ids) - 1 : -1].argmax(-1).tolist() == new

@@ -118,7 +118,9 @@ def _count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def real_text_prompts(tokenizer, n: int, min_tokens: int, seed: int = 0, name: str = DEFAULT_TEXT) -> list[str]:
+def real_text_prompts(
+    tokenizer, n: int, min_tokens: int, seed: int = 0, name: str = DEFAULT_TEXT
+) -> list[str]:
     """Cut ``n`` distinct prompts of at least ``min_tokens`` tokens from the text ``name``.
 
     Each prompt starts at the beginning of a sentence and ends at the end of one, and holds at
