@@ -35,8 +35,11 @@ DEFAULT_SEPARATORS = ".,?!;: \t\n"
 ENV_PREFIX = "VLLM_SEPLLM_"
 
 
-class SepLLMConfigError(ValueError):
-    """A bad SepLLM setting. The message is one line naming the field and the value."""
+class SepLLMConfigError(Exception):
+    """A bad SepLLM setting. The message is one line naming the field and the value.
+
+    Not a ValueError on purpose: pydantic would wrap a ValueError raised while vLLM builds its
+    config into a multi-line ValidationError."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from vllm_sepllm.config import SepLLMConfig
+from vllm_sepllm.config import SepLLMConfig, SepLLMConfigError
 
 
 def is_separator_text(text: str, separators: str) -> bool:
@@ -60,7 +60,7 @@ def separator_token_ids(tokenizer: Any, config: SepLLMConfig) -> frozenset[int]:
     if config.separator_token_ids is not None:
         return frozenset(config.separator_token_ids)
     if tokenizer is None:
-        raise ValueError(
+        raise SepLLMConfigError(
             "sepllm: the model has no tokenizer (skip_tokenizer_init?); set "
             "sepllm.separator_token_ids explicitly"
         )

@@ -1,0 +1,74 @@
+"""Configuration: defaults, parsing, one-line errors naming the field and the value."""
+
+import pytest
+
+from vllm_sepllm.config import (
+    SepLLMConfig,
+    SepLLMConfigError,
+    from_additional_config,
+    request_config,
+)
+from vllm_sepllm.policy import FULL_WINDOW, Retention
+
+
+def test_defaults_follow_official_code():
+    cfg = from_additional_config({}, environ={})
+    assert (cfg.mode, cfg.num_sinks, cfg.sep_cap, cfg.window) == ("sepllm", 4, 64, 256)
+    assert cfg.retention == Retention(4, 64, 256)
+
+
+def test_modes_map_to_retention():
+    assert SepLLMConfig(mode="streamingllm").retention == Retention(4, 0, 256)
+    assert SepLLMConfig(mode="full").retention == Retention(0, None, FULL_WINDOW)
+    assert SepLLMConfig(sep_cap=None).retention.sep_cap is None
+
+
+def test_additional_config_dict_json_and_env():
+    cfg = from_additional_config({"sepllm": {"window": 64, "sep_cap": None}}, environ={})
+    assert cfg.window == 64 and cfg.sep_cap is None
+    cfg = from_additional_config({"sepllm": '{"num_sinks": 3}'}, environ={})
+    assert cfg.num_sinks == 3
+    env = {"VLLM_SEPLLM_WINDOW": "128", "VLLM_SEPLLM_MODE": "streamingllm",
+           "VLLM_SEPLLM_SEP_CAP": "null"}
+    cfg = from_additional_config({"sepllm": {"window": 32}}, environ=env)
+    assert (cfg.window, cfg.mode, cfg.sep_cap) == (32, "streamingllm", None)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"window": 0}, "sepllm.window must be a positive integer, got 0"),
+    ({"window": -5}, "sepllm.window must be a positive integer, got -5"),
+    ({"window": "64"}, "sepllm.window must be a positive integer, got '64'"),
+    ({"num_sinks": -1}, "sepllm.num_sinks must be an integer >= 0, got -1"),
+    ({"sep_cap": -2}, "sepllm.sep_cap must be an integer >= 0, got -2"),
+    ({"sep_cap": True}, "sepllm.sep_cap must be an integer >= 0, got True"),
+    ({"mode": "h2o"}, "sepllm.mode must be one of sepllm, streamingllm, full; got 'h2o'"),
+    ({"windw": 3}, "unknown key 'windw'"),
+    ({"separator_token_ids": [1, -2]}, "sepllm.separator_token_ids must be a list"),
+    ({"separators": ""}, "sepllm.separators must be a non-empty string"),
+])
+def test_bad_values_name_field_and_value(section, message):
+    with pytest.raises(SepLLMConfigError) as e:
+        from_additional_config({"sepllm": section}, environ={})
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_json_and_env():
+    with pytest.raises(SepLLMConfigError, match="not valid JSON"):
+        from_additional_config({"sepllm": "{window: 3"}, environ={})
+    with pytest.raises(SepLLMConfigError, match="VLLM_SEPLLM_WINDOW must be JSON"):
+        from_additional_config({}, environ={"VLLM_SEPLLM_WINDOW": "big"})
+    with pytest.raises(SepLLMConfigError, match="must be an object"):
+        from_additional_config({"sepllm": [1]}, environ={})
+
+
+def test_request_overrides():
+    engine = SepLLMConfig()
+    assert request_config(engine, None) is engine
+    assert request_config(engine, {"other": 1}) is engine
+    cfg = request_config(engine, {"sepllm": {"window": 32, "mode": "streamingllm"}})
+    assert cfg.window == 32 and cfg.retention.sep_cap == 0
+    with pytest.raises(SepLLMConfigError, match="extra_args.sepllm: key 'separators' cannot"):
+        request_config(engine, {"sepllm": {"separators": "."}})
+    with pytest.raises(SepLLMConfigError, match="sepllm.window must be a positive integer"):
+        request_config(engine, {"sepllm": {"window": 0}})
