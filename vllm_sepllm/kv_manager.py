@@ -52,6 +52,8 @@ class SepLLMManager(FullAttentionManager):
         #: Tokens a waiting request is assumed to need at admission (set by the scheduler):
         #: about a + s + w + one chunk instead of the whole prompt.
         self.admission_token_cap: int | None = None
+        #: Most blocks each live request has held at once (reported when it finishes).
+        self.peak_blocks: dict[str, int] = {}
 
     # -------------------------------------------------------------- SepLLM operations
     def evict(self, request_id: str, num_computed: int, token_ids: Sequence[int],
@@ -93,12 +95,34 @@ class SepLLMManager(FullAttentionManager):
     def allocate_new_blocks(self, request_id: str, num_tokens: int,
                             num_tokens_main_model: int):
         dropped = self.num_dropped(request_id)
-        return super().allocate_new_blocks(
+        new_blocks = super().allocate_new_blocks(
             request_id, num_tokens - dropped, num_tokens_main_model - dropped
         )
+        held = len(self.req_to_blocks[request_id])
+        if held > self.peak_blocks.get(request_id, 0):
+            self.peak_blocks[request_id] = held
+        return new_blocks
+
+    def request_stats(self, request_id: str, num_computed: int) -> dict[str, float] | None:
+        """Per-request KV figures once ``num_computed`` tokens have KV: tokens, retained and
+        evicted tokens, retained ratio, and the most blocks held at once."""
+        if not num_computed:
+            return None
+        cache = self.caches.get(request_id)
+        evicted = 0 if cache is None else cache.num_evicted
+        # Tokens computed after the last eviction are retained (they are not evicted yet).
+        retained = num_computed - evicted
+        return {
+            "tokens": num_computed,
+            "kv_retained": retained,
+            "kv_evicted": evicted,
+            "retained_ratio": retained / num_computed,
+            "peak_kv_blocks": self.peak_blocks.get(request_id, 0),
+        }
 
     def free(self, request_id: str) -> None:
         self.caches.pop(request_id, None)
+        self.peak_blocks.pop(request_id, None)
         super().free(request_id)
 
     def cache_blocks(self, request, num_tokens: int) -> None:  # noqa: ANN001

@@ -131,14 +131,24 @@ class _SepLLMSchedulerMixin:
         return output
 
     def _free_request(self, request: Request, *args, **kwargs):
-        cache = self.sepllm_manager.caches.get(request.request_id)
-        if cache is not None and cache.num_computed:
+        """Log the request's KV figures and return them to the client.
+
+        The figures ride in ``kv_transfer_params`` (``RequestOutput.kv_transfer_params
+        ["sepllm"]``, and the OpenAI responses' ``kv_transfer_params``) unless a KV connector
+        uses that field.
+        """
+        stats = self.sepllm_manager.request_stats(request.request_id,
+                                                   request.num_computed_tokens)
+        if stats is not None:
             logger.info(
-                "sepllm: request %s finished: %d tokens, KV retained %d (%.1f%%), "
-                "evicted %d", request.request_id, cache.num_computed, len(cache),
-                100.0 * len(cache) / cache.num_computed, cache.num_evicted)
+                "sepllm: request %s finished: %d tokens, KV retained %d (%.1f%%), evicted %d, "
+                "peak %d blocks", request.request_id, stats["tokens"], stats["kv_retained"],
+                100.0 * stats["retained_ratio"], stats["kv_evicted"], stats["peak_kv_blocks"])
         self._sepllm_retention.pop(request.request_id, None)
-        return super()._free_request(request, *args, **kwargs)
+        kv_params, ec_params = super()._free_request(request, *args, **kwargs)
+        if kv_params is None and stats is not None:
+            kv_params = {"sepllm": stats}
+        return kv_params, ec_params
 
 
 class SepLLMScheduler(_SepLLMSchedulerMixin, Scheduler):
