@@ -134,3 +134,28 @@ def test_write_kv_skips_padding():
     flat = kv.view(8, 1, 4)
     assert flat[5, 0].tolist() == [1, 1, 2, 2] and flat[0, 0].tolist() == [1, 1, 2, 2]
     assert flat[1:5].abs().sum() == 0
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (9, 3)])
+def test_batched_decode_equals_per_row(hq, hkv):
+    from vllm_sepllm.reference import decode_attention
+
+    torch.manual_seed(1)
+    d, num_slots = 16, 200
+    flat = torch.randn(num_slots, hkv, 2 * d)
+    lens = [1, 7, 33]
+    perm = torch.randperm(num_slots)
+    slot_rows = [perm[sum(lens[:i]):sum(lens[:i + 1])] for i in range(3)]
+    L = max(lens)
+    slots = torch.zeros(3, L, dtype=torch.int64)
+    valid = torch.zeros(3, L, dtype=torch.bool)
+    for i, s in enumerate(slot_rows):
+        slots[i, :len(s)] = s
+        valid[i, :len(s)] = True
+    q = torch.randn(3, hq, d)
+    out = decode_attention(q, flat, slots, valid, 0.2)
+    for i, s in enumerate(slot_rows):
+        kv = flat[s]
+        want = dense_reference(q[i:i + 1], kv[..., :d], kv[..., d:],
+                               torch.ones(1, len(s), dtype=torch.bool), 0.2)
+        torch.testing.assert_close(out[i:i + 1].double(), want, atol=1e-5, rtol=1e-5)

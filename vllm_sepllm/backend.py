@@ -16,8 +16,9 @@ A request with one new token (decode) attends its whole cache: it holds exactly 
 query sees. A chunk of several tokens (prefill) applies the SepLLM mask, built from the
 per-slot positions and separator flags the runner records.
 
-The attention math is :mod:`vllm_sepllm.reference` (pure torch) on every device for now; the
-Triton kernels replace it on CUDA when present (kernels/).
+Decode rows use vLLM's FlashAttention (FA3 on Hopper) on CUDA, which is exact here because the
+cache holds exactly the visible keys, and a batched torch gather + SDPA on CPU. Prefill rows use
+torch SDPA with the SepLLM mask (:mod:`vllm_sepllm.reference`).
 """
 
 from __future__ import annotations
@@ -40,30 +41,58 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from vllm_sepllm.policy import Retention
-from vllm_sepllm.reference import paged_sepllm_attention, write_kv
+from vllm_sepllm.reference import decode_attention, masked_attention, write_kv
 
 BACKEND_NAME = "SEPLLM"
 
 
 @dataclasses.dataclass
-class SepLLMMetadata:
-    """Per-step attention metadata (shared by all layers).
+class PrefillRow:
+    """One request with several new tokens: its queries, its cache slots and its mask."""
 
-    Tensors: ``block_table`` [B, max_blocks] int32, ``slot_mapping`` [T] int64,
-    ``q_pos`` [T] int64 logical positions, ``slot_pos`` [num_slots] int32 and ``slot_sep``
-    [num_slots] bool (the runner's per-slot records). Lists are host-side copies.
+    q_start: int
+    q_end: int
+    slots: torch.Tensor  # [K] int64, slots of cache indices 0..K-1
+    mask: torch.Tensor  # [q_end - q_start, K] bool
+
+
+@dataclasses.dataclass
+class SepLLMMetadata:
+    """Per-step attention metadata, built once and shared by all layers.
+
+    Decode rows (one new token) attend their whole cache; they are gathered into a batch:
+    ``decode_rows`` [Bd] int64 token indices of their queries, ``decode_block_table``
+    [Bd, max_blocks] int32, ``decode_cache_lens`` [Bd] int32 (on device), and for the torch
+    path ``decode_slots`` [Bd, Lmax] int64 + ``decode_valid`` [Bd, Lmax] bool.
+    Prefill rows (several new tokens) carry their own mask (:class:`PrefillRow`).
     """
 
     num_actual_tokens: int
-    query_start_loc: list[int]
-    cache_lens: list[int]
-    block_table: torch.Tensor
     slot_mapping: torch.Tensor
-    q_pos: torch.Tensor
-    slot_pos: torch.Tensor
-    slot_sep: torch.Tensor
-    retentions: list[Retention]
+    decode_rows: torch.Tensor
+    decode_block_table: torch.Tensor
+    decode_cache_lens: torch.Tensor
+    decode_max_len: int
+    decode_slots: torch.Tensor | None
+    decode_valid: torch.Tensor | None
+    prefills: list[PrefillRow]
+
+
+def _flash_attn():
+    """vLLM's FlashAttention varlen function on CUDA (FA3 on Hopper), else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from vllm.v1.attention.backends.fa_utils import (
+            flash_attn_varlen_func,
+            get_flash_attn_version,
+            is_flash_attn_varlen_func_available,
+        )
+    except ImportError:
+        return None
+    if not is_flash_attn_varlen_func_available():
+        return None
+    return flash_attn_varlen_func, get_flash_attn_version()
 
 
 class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
@@ -74,25 +103,60 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_size = kv_cache_spec.block_size
+        self.use_flash_decode = _flash_attn() is not None
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SepLLMMetadata:
+        from vllm_sepllm.reference import cache_slots, sepllm_mask
         from vllm_sepllm.worker import SepLLMWorkerState
 
         cm = common_attn_metadata
         state = SepLLMWorkerState.current
         num_reqs = cm.num_reqs
-        retentions = state.row_retention[:num_reqs] if state is not None else []
+        qsl = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
+        lens_cpu = cm.seq_lens_cpu_upper_bound
+        if lens_cpu is None:
+            lens_cpu = cm.seq_lens.cpu()
+        cache_lens = lens_cpu[:num_reqs].tolist()
+        device = cm.block_table_tensor.device
+
+        decode_idx = [b for b in range(num_reqs) if qsl[b + 1] - qsl[b] == 1]
+        prefills = []
+        for b in range(num_reqs):
+            q0, q1 = qsl[b], qsl[b + 1]
+            if q1 - q0 <= 1:
+                continue
+            slots = cache_slots(cm.block_table_tensor[b], cache_lens[b], self.block_size)
+            mask = sepllm_mask(cm.positions[q0:q1], state.slot_pos[slots],
+                               state.slot_sep[slots], state.row_retention[b])
+            prefills.append(PrefillRow(q0, q1, slots, mask))
+
+        rows = torch.tensor(decode_idx, dtype=torch.int64)
+        lens = torch.tensor([cache_lens[b] for b in decode_idx], dtype=torch.int32)
+        decode_max_len = int(lens.max()) if decode_idx else 0
+        decode_slots = decode_valid = None
+        block_table = cm.block_table_tensor[rows.to(device)] if decode_idx else None
+        if decode_idx and not self.use_flash_decode:
+            idx = torch.arange(decode_max_len)
+            decode_valid = idx[None, :] < lens[:, None]
+            blocks = block_table.to(torch.int64).gather(
+                1, (idx // self.block_size)[None, :].expand(len(decode_idx), -1)
+                .clamp(max=block_table.shape[1] - 1).to(device))
+            decode_slots = blocks * self.block_size + (idx % self.block_size).to(device)
+            decode_slots = decode_slots.masked_fill(~decode_valid.to(device), 0)
+            decode_valid = decode_valid.to(device)
         return SepLLMMetadata(
             num_actual_tokens=cm.num_actual_tokens,
-            query_start_loc=cm.query_start_loc_cpu[: num_reqs + 1].tolist(),
-            cache_lens=cm.seq_lens.cpu()[:num_reqs].tolist(),
-            block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping,
-            q_pos=cm.positions,
-            slot_pos=state.slot_pos,
-            slot_sep=state.slot_sep,
-            retentions=retentions,
+            decode_rows=torch.tensor([qsl[b] for b in decode_idx], dtype=torch.int64,
+                                     device=device),
+            decode_block_table=block_table,
+            decode_cache_lens=lens.to(device),
+            decode_max_len=decode_max_len,
+            decode_slots=decode_slots,
+            decode_valid=decode_valid,
+            prefills=prefills,
         )
 
 
@@ -172,6 +236,7 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
         self.head_size = head_size
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
+        self.flash = _flash_attn()
 
     def do_kv_cache_update(self, layer: AttentionLayer, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,
@@ -191,10 +256,31 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
         if attn_metadata is None:  # profiling run
             return output.fill_(0)
         md = attn_metadata
-        n = md.num_actual_tokens
-        paged_sepllm_attention(
-            query[:n], kv_cache, md.block_table, md.cache_lens, md.query_start_loc,
-            md.q_pos[:n], md.slot_pos, md.slot_sep, md.retentions, self.scale,
-            out=output[:n],
-        )
+        flat = kv_cache.view(-1, kv_cache.shape[2], kv_cache.shape[3])
+        d = self.head_size
+        for row in md.prefills:
+            kv = flat[row.slots]
+            output[row.q_start:row.q_end] = masked_attention(
+                query[row.q_start:row.q_end], kv[..., :d], kv[..., d:], row.mask, self.scale)
+        if md.decode_rows.numel():
+            q = query.index_select(0, md.decode_rows)
+            if self.flash is not None:
+                out = self._flash_decode(q, kv_cache, md)
+            else:
+                out = decode_attention(q, flat, md.decode_slots, md.decode_valid, self.scale)
+            output.index_copy_(0, md.decode_rows, out.to(output.dtype))
         return output
+
+    def _flash_decode(self, q: torch.Tensor, kv_cache: torch.Tensor,
+                      md: SepLLMMetadata) -> torch.Tensor:
+        """Decode rows with vLLM's FlashAttention (paged): the compacted cache needs no mask."""
+        fn, version = self.flash
+        key_cache, value_cache = kv_cache.split(self.head_size, dim=-1)
+        bd = q.shape[0]
+        cu_q = torch.arange(bd + 1, dtype=torch.int32, device=q.device)
+        out = torch.empty_like(q)
+        fn(q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu_q, max_seqlen_q=1,
+           seqused_k=md.decode_cache_lens, max_seqlen_k=md.decode_max_len,
+           softmax_scale=self.scale, causal=True, block_table=md.decode_block_table,
+           fa_version=version)
+        return out

@@ -138,6 +138,28 @@ def paged_sepllm_attention(
     return out
 
 
+def decode_attention(query: torch.Tensor, flat_kv: torch.Tensor, slots: torch.Tensor,
+                     valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Batched decode over gathered caches: each row attends all its valid slots.
+
+    Args:
+        query: [B, Hq, D]; flat_kv: [num_slots, Hkv, 2D]; slots: [B, L] int64 (padding
+        anywhere valid is False); valid: [B, L] bool.
+
+    Returns:
+        [B, Hq, D].
+    """
+    d = query.shape[-1]
+    kv = flat_kv[slots]  # [B, L, Hkv, 2D]
+    k = kv[..., :d].transpose(1, 2)
+    v = kv[..., d:].transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        query[:, :, None, :], k, v, attn_mask=valid[:, None, None, :], scale=scale,
+        enable_gqa=query.shape[1] != k.shape[1],
+    )
+    return out[:, :, 0, :]
+
+
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store new keys/values [T, Hkv, D] at ``slot_mapping`` [T] (negative = padding, skipped)."""
