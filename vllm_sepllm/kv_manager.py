@@ -7,7 +7,8 @@ vLLM's full-attention manager plus, per request, a :class:`~vllm_sepllm.policy.R
 * block demand counts cached tokens (``logical - D``), not logical tokens;
 * :meth:`SepLLMManager.evict` runs the retention policy, compacts the request's cache into its
   lowest blocks and returns the freed tail blocks to vLLM's block pool;
-* ``free`` (finish, abort, preemption) drops the request's record with its blocks.
+* ``pop_blocks_for_free`` (finish, abort, preemption) drops the request's record with its
+  blocks.
 
 Prefix caching is off under SEPLLM (compaction rewrites blocks in place, so a block's content
 no longer matches its hash); ``cache_blocks`` refuses to run.
@@ -120,10 +121,11 @@ class SepLLMManager(FullAttentionManager):
             "peak_kv_blocks": self.peak_blocks.get(request_id, 0),
         }
 
-    def free(self, request_id: str) -> None:
+    def pop_blocks_for_free(self, request_id: str):
+        # Every way out (finish, abort, preemption, vLLM's deferred free) comes through here.
         self.caches.pop(request_id, None)
         self.peak_blocks.pop(request_id, None)
-        super().free(request_id)
+        return super().pop_blocks_for_free(request_id)
 
     def cache_blocks(self, request, num_tokens: int) -> None:  # noqa: ANN001
         raise RuntimeError("SEPLLM: prefix caching must be off; blocks are rewritten")

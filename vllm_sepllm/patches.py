@@ -141,6 +141,9 @@ def _check_model(vllm_config, cfg: SepLLMConfig) -> None:
         _fail(f"SEPLLM does not support sliding-window or mixed attention layers (model {arch})")
     if vllm_config.speculative_config is not None:
         _fail("SEPLLM does not support speculative decoding (speculative_config is set)")
+    if vllm_config.kv_transfer_config is not None:
+        _fail("SEPLLM does not support KV connectors (kv_transfer_config is set): external KV "
+              "loads assume an uncompacted cache")
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         _fail("SEPLLM does not support pipeline parallelism "
               f"(pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size})")

