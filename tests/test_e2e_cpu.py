@@ -8,7 +8,7 @@ import pytest
 from tests.engine import greedy_ids, llm_engine
 from tests.oracle_hf import greedy_generate
 
-NUM_PROMPTS = 8
+NUM_PROMPTS = 16
 PROMPT_TOKENS = 600
 NEW_TOKENS = 64
 SEPLLM = {"num_sinks": 4, "sep_cap": 16, "window": 64}
@@ -18,10 +18,10 @@ SEPLLM = {"num_sinks": 4, "sep_cap": 16, "window": 64}
 def prompts(tokenizer):
     from vllm_sepllm.testing.texts import real_text_prompts
 
-    texts = real_text_prompts(tokenizer, NUM_PROMPTS, PROMPT_TOKENS)
+    texts = real_text_prompts(tokenizer, NUM_PROMPTS, 2 * PROMPT_TOKENS)
     ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    # Mixed lengths: cut every other prompt shorter, but above PROMPT_TOKENS.
-    return [p[: PROMPT_TOKENS + 37 * i] for i, p in enumerate(ids)]
+    # Mixed lengths, 600 to 1200 tokens: 10 to 19 windows of 64.
+    return [p[: PROMPT_TOKENS + 40 * i] for i, p in enumerate(ids)]
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +54,10 @@ def test_eviction_changes_output(model_path, prompts, sepllm_run):
 
 
 def test_large_window_equals_default_backend(model_path, prompts):
+    half = prompts[::2]
     with llm_engine(model_path) as llm:
-        default = greedy_ids(llm, prompts, NEW_TOKENS)
+        default = greedy_ids(llm, half, NEW_TOKENS)
     with llm_engine(model_path, attention_backend="SEPLLM",
                     additional_config={"sepllm": {"window": 2048}}) as llm:
-        sepllm = greedy_ids(llm, prompts, NEW_TOKENS)
+        sepllm = greedy_ids(llm, half, NEW_TOKENS)
     assert sepllm == default

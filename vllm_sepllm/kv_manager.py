@@ -39,6 +39,21 @@ class SepLLMSpec(FullAttentionSpec):
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
         return cls(**fields)
 
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        """KV one request can need: with a separator cap, at most a + s + w tokens plus one
+        prefill chunk, whatever max_model_len is (vLLM's start-up check and its concurrency
+        estimate use this). Without a cap, separators accumulate: the full-attention bound."""
+        from vllm_sepllm.patches import engine_sepllm_config
+
+        full = super().max_memory_usage_bytes(vllm_config)
+        cfg = engine_sepllm_config(vllm_config)
+        r = cfg.retention
+        if not cfg.evicts or r.sep_cap is None:
+            return full
+        tokens = (r.num_sinks + r.sep_cap + r.window
+                  + vllm_config.scheduler_config.max_num_batched_tokens)
+        return min(full, cdiv(tokens, self.block_size) * self.page_size_bytes)
+
 
 class SepLLMManager(FullAttentionManager):
     """Full-attention block manager whose requests hold only their retained tokens."""

@@ -1,0 +1,73 @@
+"""Runs a SEPLLM engine *in-process* (no engine-core subprocess) so that the test can look at
+the scheduler's block pool, and prints one JSON line. Used by test_engine_behaviour.py through
+a subprocess, which keeps vLLM's CPU thread binding out of the pytest process.
+
+    python -m tests.engine_probe preempt|abort MODEL PROMPTS_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    mode, model, prompts_file = sys.argv[1:4]
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from tests.engine import cpu_engine_kwargs
+    from vllm import LLM
+
+    with open(prompts_file) as f:
+        spec = json.load(f)
+    prompts, sepllm, new_tokens = spec["prompts"], spec["sepllm"], spec["new_tokens"]
+    kwargs = cpu_engine_kwargs(attention_backend="SEPLLM",
+                               additional_config={"sepllm": sepllm})
+    kwargs.update(spec.get("engine", {}))
+    llm = LLM(model=model, **kwargs)
+    core = llm.llm_engine.engine_core.engine_core
+    scheduler = core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    total = pool.get_num_free_blocks()
+    preemptions = []
+    preempt = scheduler._preempt_request
+
+    def counting_preempt(request, timestamp):
+        preemptions.append(request.request_id)
+        return preempt(request, timestamp)
+
+    scheduler._preempt_request = counting_preempt
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    engine = llm.llm_engine
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", TokensPrompt(prompt_token_ids=p), params)
+    ids = [f"r{i}" for i in range(len(prompts))]
+    finished, aborted, steps = {}, [], 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                # outputs carry the id given to add_request
+                finished[out.request_id] = list(out.outputs[0].token_ids)
+        steps += 1
+        if mode == "preempt" and steps in (4, 9, 15, 30):
+            # vLLM's own preemption path: every running request (mid-prefill or decoding)
+            # loses its KV and is recomputed later.
+            engine.reset_prefix_cache(reset_running_requests=True)
+        if mode == "abort" and steps == 6:  # some mid-prefill, some decoding
+            aborted = ids[::2]
+            engine.abort_request(aborted)
+    result = {"total_blocks": total, "steps": steps, "aborted": aborted,
+              "unfinished_aborted": [r for r in aborted if r not in finished],
+              "tokens": [finished.get(r) for r in ids]}
+    result["preemptions"] = len(preemptions)
+    result["free_blocks_end"] = pool.get_num_free_blocks()
+    result["manager_records_end"] = len(scheduler.sepllm_manager.caches)
+    result["blocks_held_end"] = sum(len(b) for b in scheduler.sepllm_manager.req_to_blocks.values())
+    print("PROBE " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

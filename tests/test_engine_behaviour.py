@@ -1,0 +1,69 @@
+"""Engine-level behaviour with real eviction on the real model: preemption (recompute) gives
+the same tokens, aborts return every block, nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.oracle_hf import greedy_generate
+
+ROOT = Path(__file__).resolve().parent.parent
+SEPLLM = {"num_sinks": 4, "sep_cap": 16, "window": 64}
+
+
+def probe(mode: str, model: str, tmp_path, prompts, new_tokens, engine=None,
+          sepllm=SEPLLM) -> dict:
+    spec = tmp_path / f"{mode}.json"
+    spec.write_text(json.dumps({"prompts": prompts, "sepllm": sepllm,
+                                "new_tokens": new_tokens, "engine": engine or {}}))
+    proc = subprocess.run([sys.executable, "-m", "tests.engine_probe", mode, model, str(spec)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-6000:]
+    return json.loads(lines[-1][len("PROBE "):])
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    from vllm_sepllm.testing.texts import real_text_prompts
+
+    texts = real_text_prompts(tokenizer, 16, 400, seed=1)
+    return [tokenizer.encode(t, add_special_tokens=False)[: 400 + 25 * i]
+            for i, t in enumerate(texts)]
+
+
+def test_preempted_requests_recompute_to_the_same_tokens(model_path, tokenizer, prompts,
+                                                         tmp_path):
+    res = probe("preempt", model_path, tmp_path, prompts, 32)
+    assert res["preemptions"] >= 16  # four rounds of preempting every running request
+    sep_ids = _separator_ids(tokenizer)
+    assert all(t is not None for t in res["tokens"])
+    for prompt, got in zip(prompts, res["tokens"]):
+        want = greedy_generate(model_path, prompt, 32, sep_ids, SEPLLM["num_sinks"],
+                               SEPLLM["sep_cap"], SEPLLM["window"])
+        assert got == want
+    assert res["free_blocks_end"] == res["total_blocks"]
+    assert res["blocks_held_end"] == 0 and res["manager_records_end"] == 0
+
+
+def test_abort_returns_every_block(model_path, prompts, tmp_path):
+    res = probe("abort", model_path, tmp_path, prompts, 48)
+    assert res["aborted"] and res["unfinished_aborted"]
+    done = [t for t in res["tokens"] if t is not None]
+    assert len(done) >= len(prompts) - len(res["aborted"])
+    assert res["free_blocks_end"] == res["total_blocks"]
+    assert res["blocks_held_end"] == 0 and res["manager_records_end"] == 0
+
+
+def _separator_ids(tokenizer):
+    from vllm_sepllm.config import SepLLMConfig
+    from vllm_sepllm.separators import separator_token_ids
+
+    return separator_token_ids(tokenizer, SepLLMConfig())
