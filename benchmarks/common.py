@@ -29,6 +29,7 @@ WORKLOADS = {
     "W1": (512, 4096, 1024),
     "W2": (512, 1024, 4096),
     "tiny": (16, 600, 64),
+    "cpu8": (8, 1500, 256),  # the CPU memory benchmark (SmolLM2, real weights)
 }
 
 TEXT_NAMES = ("botchan", "alice29", "lcet10", "plrabn12")
@@ -44,7 +45,7 @@ def make_dummy_model(out_dir: Path, tokenizer_dir: Path, shape: dict = LLAMA3_8B
     config = dict(shape, max_position_embeddings=max(max_len, shape["max_position_embeddings"]))
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "generation_config.json"):
+                 "generation_config.json", "chat_template.jinja"):
         src = tokenizer_dir / name
         if src.exists():
             shutil.copy(src, out_dir / name)

@@ -10,7 +10,9 @@ natural rates. A run spec is ``BACKEND`` or ``SEPLLM:<config>`` with config ``a4
 
 Recorded per run: workload, backend, config, elapsed_s, out_tok_per_s, total_tok_per_s,
 num_kv_blocks (pool), block_size, peak_kv_blocks (most blocks in use at once), peak_running,
-blocks_per_request (peak, mean), max_concurrency (pool blocks / blocks per request),
+blocks_per_request (blocks a finished request held, mean: its steady footprint),
+blocks_per_request_peak (most blocks a request held at once, e.g. during a prefill chunk),
+max_concurrency (requests whose steady footprint fits the pool, leaving one prefill chunk),
 retained_ratio (mean kv retained / tokens), gpu, vllm_version, commit.
 """
 
@@ -60,10 +62,14 @@ def parse_run(spec: str) -> tuple[str, dict | None, str]:
 
 def run_one(args: argparse.Namespace) -> dict:
     """One engine, one workload; returns the record. Runs in a child process."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: we sample its pool
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.platforms import current_platform
+
+    # The engine core runs in its own process as usual; the scheduler writes its KV peaks here.
+    trace = Path(tempfile.mkdtemp(prefix="sepllm-trace-")) / "kv.json"
+    os.environ["VLLM_SEPLLM_KV_TRACE"] = str(trace)
 
     backend, sepllm, label = parse_run(args.run)
     n, plen, olen = WORKLOADS[args.workload]
@@ -74,6 +80,10 @@ def run_one(args: argparse.Namespace) -> dict:
                   attention_backend=backend, seed=0, max_num_seqs=args.max_num_seqs)
     if sepllm is not None:
         kwargs["additional_config"] = {"sepllm": sepllm}
+    else:  # same KV-peak tracing on the baseline side (async scheduling is off on CPU)
+        kwargs["scheduler_cls"] = ("vllm_sepllm.instrument.TrackingScheduler"
+                                   if current_platform.is_cpu()
+                                   else "vllm_sepllm.instrument.TrackingAsyncScheduler")
     if args.gpu_memory_utilization:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.kv_cache_memory_bytes:
@@ -86,39 +96,34 @@ def run_one(args: argparse.Namespace) -> dict:
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
 
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    pool = scheduler.kv_cache_manager.block_pool
-    total_blocks = pool.num_gpu_blocks - 1  # block 0 is the null block
-    peak = {"blocks": 0, "running": 0}
-    schedule = scheduler.schedule
-
-    def sampled_schedule(*a, **k):
-        out = schedule(*a, **k)
-        peak["blocks"] = max(peak["blocks"], total_blocks - pool.get_num_free_blocks())
-        peak["running"] = max(peak["running"], len(scheduler.running))
-        return out
-
-    scheduler.schedule = sampled_schedule
     tok = AutoTokenizer.from_pretrained(args.model)
     prompts = real_prompt_ids(tok, n, plen, seed=args.seed)
     params = SamplingParams(max_tokens=olen, ignore_eos=True, temperature=0.0)
     llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:64])],
                  SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-    peak.update(blocks=0, running=0)
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                         use_tqdm=args.progress)
     elapsed = time.perf_counter() - t0
 
-    block_size = llm.llm_engine.vllm_config.cache_config.block_size
+    vllm_config = llm.llm_engine.vllm_config
+    block_size = vllm_config.cache_config.block_size
+    kv = json.loads(trace.read_text())
+    total_blocks = kv["num_kv_blocks"]
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     stats = [(o.kv_transfer_params or {}).get("sepllm") for o in outs]
     if all(stats):
-        per_request_blocks = sum(s["peak_kv_blocks"] for s in stats) / len(stats)
+        peak_blocks = sum(s["peak_kv_blocks"] for s in stats) / len(stats)
+        steady = sum(math.ceil(s["kv_retained"] / block_size) for s in stats) / len(stats)
         retained = sum(s["retained_ratio"] for s in stats) / len(stats)
+        # Residents hold their retained tokens; one prefill chunk at a time is transient.
+        chunk_blocks = math.ceil(vllm_config.scheduler_config.max_num_batched_tokens
+                                 / block_size)
+        max_concurrency = int((total_blocks - chunk_blocks) // math.ceil(steady))
     else:
-        per_request_blocks = math.ceil((plen + olen - 1) / block_size)
+        peak_blocks = steady = math.ceil((plen + olen - 1) / block_size)
         retained = 1.0
+        max_concurrency = int(total_blocks // steady)
     record = {
         "workload": args.workload, "backend": backend, "config": label,
         "num_requests": n, "prompt_tokens": plen, "output_tokens": olen,
@@ -126,12 +131,13 @@ def run_one(args: argparse.Namespace) -> dict:
         "out_tok_per_s": round(out_tokens / elapsed, 1),
         "total_tok_per_s": round((out_tokens + n * plen) / elapsed, 1),
         "num_kv_blocks": total_blocks, "block_size": block_size,
-        "peak_kv_blocks": peak["blocks"], "peak_running": peak["running"],
-        "blocks_per_request": round(per_request_blocks, 2),
-        "max_concurrency": int(total_blocks // math.ceil(per_request_blocks)),
+        "peak_kv_blocks": kv["peak_kv_blocks"], "peak_running": kv["peak_running"],
+        "blocks_per_request": round(steady, 2),
+        "blocks_per_request_peak": round(peak_blocks, 2),
+        "max_concurrency": max_concurrency,
         "retained_ratio": round(retained, 4),
         "prompt_separator_rate": round(separator_rate(
-            prompts, set(llm.llm_engine.vllm_config.additional_config.get("sepllm", {})
+            prompts, set(vllm_config.additional_config.get("sepllm", {})
                          .get("separator_token_ids", []))), 4) if sepllm else None,
         "max_num_seqs": args.max_num_seqs, "dtype": args.dtype,
     }

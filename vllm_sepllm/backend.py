@@ -109,7 +109,7 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SepLLMMetadata:
         from vllm_sepllm.reference import cache_slots, sepllm_mask
-        from vllm_sepllm.worker import SepLLMWorkerState
+        from vllm_sepllm.worker import SepLLMWorkerState, to_device
 
         cm = common_attn_metadata
         state = SepLLMWorkerState.current
@@ -136,7 +136,7 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         lens = torch.tensor([cache_lens[b] for b in decode_idx], dtype=torch.int32)
         decode_max_len = int(lens.max()) if decode_idx else 0
         decode_slots = decode_valid = None
-        block_table = cm.block_table_tensor[rows.to(device)] if decode_idx else None
+        block_table = cm.block_table_tensor[to_device(rows, device)] if decode_idx else None
         if decode_idx and not self.use_flash_decode:
             idx = torch.arange(decode_max_len)
             decode_valid = idx[None, :] < lens[:, None]
@@ -149,10 +149,10 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         return SepLLMMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             slot_mapping=cm.slot_mapping,
-            decode_rows=torch.tensor([qsl[b] for b in decode_idx], dtype=torch.int64,
-                                     device=device),
+            decode_rows=to_device(torch.tensor([qsl[b] for b in decode_idx],
+                                               dtype=torch.int64), device),
             decode_block_table=block_table,
-            decode_cache_lens=lens.to(device),
+            decode_cache_lens=to_device(lens, device),
             decode_max_len=decode_max_len,
             decode_slots=decode_slots,
             decode_valid=decode_valid,

@@ -45,7 +45,7 @@ def sepllm_mask(
     win_start = q - r.window + 1  # [Q, 1]; first position inside the window
     visible = (k < r.num_sinks) | (k >= win_start)
     cand = k_sep.bool() & (k_pos.to(torch.int64) >= r.num_sinks)  # [K]
-    if bool(cand.any()) and r.sep_cap != 0:
+    if r.sep_cap != 0:  # no .any() test: it would synchronise with the GPU
         sep_sorted = torch.sort(k_pos.to(torch.int64)[cand]).values  # [S]
         key_rank = torch.searchsorted(sep_sorted, k_pos.to(torch.int64))  # [K]
         before_win = torch.searchsorted(sep_sorted, win_start.squeeze(1))  # [Q]

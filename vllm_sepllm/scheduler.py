@@ -13,12 +13,11 @@ import dataclasses
 import time
 
 from vllm.logger import init_logger
-from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
-from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_sepllm.config import SepLLMConfig, SepLLMConfigError, request_config
+from vllm_sepllm.instrument import TrackingAsyncScheduler, TrackingScheduler
 from vllm_sepllm.kv_manager import SepLLMManager
 from vllm_sepllm.policy import Retention
 
@@ -151,9 +150,10 @@ class _SepLLMSchedulerMixin:
         return kv_params, ec_params
 
 
-class SepLLMScheduler(_SepLLMSchedulerMixin, Scheduler):
-    """vLLM's synchronous scheduler with SepLLM eviction."""
+class SepLLMScheduler(_SepLLMSchedulerMixin, TrackingScheduler):
+    """vLLM's synchronous scheduler with SepLLM eviction (and KV-peak tracing, see
+    instrument.py)."""
 
 
-class SepLLMAsyncScheduler(_SepLLMSchedulerMixin, AsyncScheduler):
-    """vLLM's async scheduler (the default) with SepLLM eviction."""
+class SepLLMAsyncScheduler(_SepLLMSchedulerMixin, TrackingAsyncScheduler):
+    """vLLM's async scheduler (the default) with SepLLM eviction (and KV-peak tracing)."""

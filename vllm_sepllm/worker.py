@@ -59,7 +59,8 @@ class SepLLMWorkerState:
         self.slot_sep = torch.empty(0, dtype=torch.bool, device=device)
         self.dropped: dict[str, int] = {}
         self.retention: dict[str, Retention] = {}
-        self.row_dropped_cpu = torch.zeros(max_num_reqs, dtype=torch.int32)
+        self.row_dropped_cpu = torch.zeros(max_num_reqs, dtype=torch.int32,
+                                           pin_memory=device.type == "cuda")
         self.row_dropped = torch.zeros(max_num_reqs, dtype=torch.int32, device=device)
         self.row_retention: list[Retention] = []
         self.tokens_moved = 0
@@ -67,6 +68,14 @@ class SepLLMWorkerState:
     def allocate_slots(self, num_slots: int) -> None:
         self.slot_pos = torch.full((num_slots,), -1, dtype=torch.int32, device=self.device)
         self.slot_sep = torch.zeros(num_slots, dtype=torch.bool, device=self.device)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor to ``device`` without stalling the host: pinned + non-blocking on CUDA, so
+    async scheduling keeps overlapping the next step's preparation with this forward."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _retention(row: tuple[int, int, int | None, int]) -> Retention:
@@ -146,8 +155,8 @@ class SepLLMRunnerMixin:
                 table.num_blocks_per_row[row] = min(table.num_blocks_per_row[row], num_blocks)
         if not src_slots:
             return
-        src_t = torch.from_numpy(np.concatenate(src_slots)).to(self.device)
-        dst_t = torch.from_numpy(np.concatenate(dst_slots)).to(self.device)
+        src_t = to_device(torch.from_numpy(np.concatenate(src_slots)), self.device)
+        dst_t = to_device(torch.from_numpy(np.concatenate(dst_slots)), self.device)
         from vllm_sepllm.ops import compact_kv
 
         compact_kv(self.kv_caches, self.sepllm.slot_pos, self.sepllm.slot_sep, src_t, dst_t)
