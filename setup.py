@@ -23,6 +23,11 @@ def _cuda_extensions():
         return [], {}
     if CUDA_HOME is None or torch.version.cuda is None:
         return [], {}
+    if not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        # e.g. an nvcc wrapper without the toolkit's headers: build without the extension
+        print(f"vllm-sepllm: no CUDA headers under CUDA_HOME={CUDA_HOME}; "
+              "skipping the CUDA extension (set CUDA_HOME to the toolkit to build it)")
+        return [], {}
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not arch:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
@@ -31,6 +36,7 @@ def _cuda_extensions():
         sources=sources,
         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
     )
+
     return [ext], {"build_ext": BuildExtension}
 
 

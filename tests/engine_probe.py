@@ -42,8 +42,21 @@ def main() -> None:
     scheduler._preempt_request = counting_preempt
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     engine = llm.llm_engine
+    result = {}
+    # A bad per-request setting is refused before it reaches the engine (HTTP 400 in serving).
+    try:
+        engine.add_request("bad", TokensPrompt(prompt_token_ids=prompts[0]), SamplingParams(
+            max_tokens=4, extra_args={"sepllm": {"window": 0}}))
+        result["bad_request_error"] = None
+    except ValueError as e:
+        result["bad_request_error"] = str(e)
+    overrides = {int(k): v for k, v in spec.get("overrides", {}).items()}
     for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", TokensPrompt(prompt_token_ids=p), params)
+        req_params = params
+        if i in overrides:
+            req_params = SamplingParams(max_tokens=new_tokens, temperature=0.0,
+                                        ignore_eos=True, extra_args={"sepllm": overrides[i]})
+        engine.add_request(f"r{i}", TokensPrompt(prompt_token_ids=p), req_params)
     ids = [f"r{i}" for i in range(len(prompts))]
     finished, aborted, steps = {}, [], 0
     while engine.has_unfinished_requests():
@@ -59,9 +72,9 @@ def main() -> None:
         if mode == "abort" and steps == 6:  # some mid-prefill, some decoding
             aborted = ids[::2]
             engine.abort_request(aborted)
-    result = {"total_blocks": total, "steps": steps, "aborted": aborted,
+    result.update({"total_blocks": total, "steps": steps, "aborted": aborted,
               "unfinished_aborted": [r for r in aborted if r not in finished],
-              "tokens": [finished.get(r) for r in ids]}
+              "tokens": [finished.get(r) for r in ids]})
     result["preemptions"] = len(preemptions)
     result["free_blocks_end"] = pool.get_num_free_blocks()
     result["manager_records_end"] = len(scheduler.sepllm_manager.caches)

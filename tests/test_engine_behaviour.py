@@ -18,10 +18,11 @@ SEPLLM = {"num_sinks": 4, "sep_cap": 16, "window": 64}
 
 
 def probe(mode: str, model: str, tmp_path, prompts, new_tokens, engine=None,
-          sepllm=SEPLLM) -> dict:
+          sepllm=SEPLLM, overrides=None) -> dict:
     spec = tmp_path / f"{mode}.json"
     spec.write_text(json.dumps({"prompts": prompts, "sepllm": sepllm,
-                                "new_tokens": new_tokens, "engine": engine or {}}))
+                                "new_tokens": new_tokens, "engine": engine or {},
+                                "overrides": overrides or {}}))
     proc = subprocess.run([sys.executable, "-m", "tests.engine_probe", mode, model, str(spec)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -41,14 +42,21 @@ def prompts(tokenizer):
 
 def test_preempted_requests_recompute_to_the_same_tokens(model_path, tokenizer, prompts,
                                                          tmp_path):
-    res = probe("preempt", model_path, tmp_path, prompts, 32)
+    """Every running request is preempted four times (vLLM's own preemption path); all 16
+    still equal the oracle. Two requests carry their own settings (extra_args), and a bad
+    per-request setting is refused up front without disturbing the engine."""
+    overrides = {1: {"window": 32, "sep_cap": 4}, 2: {"mode": "streamingllm"}}
+    res = probe("preempt", model_path, tmp_path, prompts, 32, overrides=overrides)
+    assert res["bad_request_error"] == "sepllm.window must be a positive integer, got 0"
     assert res["preemptions"] >= 16  # four rounds of preempting every running request
     sep_ids = _separator_ids(tokenizer)
     assert all(t is not None for t in res["tokens"])
-    for prompt, got in zip(prompts, res["tokens"]):
-        want = greedy_generate(model_path, prompt, 32, sep_ids, SEPLLM["num_sinks"],
-                               SEPLLM["sep_cap"], SEPLLM["window"])
-        assert got == want
+    for i, (prompt, got) in enumerate(zip(prompts, res["tokens"])):
+        cfg = dict(SEPLLM, **overrides.get(i, {}))
+        mode = cfg.pop("mode", "sepllm")
+        want = greedy_generate(model_path, prompt, 32, sep_ids, cfg["num_sinks"],
+                               cfg["sep_cap"], cfg["window"], mode=mode)
+        assert got == want, f"request {i} ({cfg}, {mode})"
     assert res["free_blocks_end"] == res["total_blocks"]
     assert res["blocks_held_end"] == 0 and res["manager_records_end"] == 0
 

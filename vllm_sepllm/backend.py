@@ -16,14 +16,16 @@ A request with one new token (decode) attends its whole cache: it holds exactly 
 query sees. A chunk of several tokens (prefill) applies the SepLLM mask, built from the
 per-slot positions and separator flags the runner records.
 
-Decode rows use vLLM's FlashAttention (FA3 on Hopper) on CUDA, which is exact here because the
-cache holds exactly the visible keys, and a batched torch gather + SDPA on CPU. Prefill rows use
-torch SDPA with the SepLLM mask (:mod:`vllm_sepllm.reference`).
+Decode rows (one new token) use vLLM's FlashAttention (FA3 on Hopper) or our Triton paged kernel
+(kernels/decode.py) on CUDA, both exact here because the cache holds exactly the visible keys,
+and a batched torch gather + SDPA on CPU. Prefill rows use the Triton masked-prefill kernel on
+CUDA (kernels/prefill.py) and torch SDPA with the SepLLM mask on CPU (vllm_sepllm.reference).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import ClassVar
 
 import torch
@@ -57,6 +59,24 @@ class PrefillRow:
 
 
 @dataclasses.dataclass
+class TritonPrefill:
+    """All prefill rows of a step for the Triton masked-prefill kernel (CUDA).
+
+    ``tokens`` [Tp] int64: indices of their queries in the batch; ``block_table`` [P, max_blocks],
+    ``cache_lens`` [P] int32, ``query_start_loc`` [P + 1] int32 (rebased to 0), ``positions`` [Tp],
+    ``meta``: per-key positions/ranks and per-query thresholds (kernels.prefill).
+    """
+
+    tokens: torch.Tensor
+    block_table: torch.Tensor
+    cache_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    positions: torch.Tensor
+    meta: object
+    max_query_len: int
+
+
+@dataclasses.dataclass
 class SepLLMMetadata:
     """Per-step attention metadata, built once and shared by all layers.
 
@@ -76,6 +96,21 @@ class SepLLMMetadata:
     decode_slots: torch.Tensor | None
     decode_valid: torch.Tensor | None
     prefills: list[PrefillRow]
+    triton_prefill: TritonPrefill | None = None
+
+
+def decode_kernel_choice(device: torch.device) -> str:
+    """Decode attention: ``VLLM_SEPLLM_DECODE_KERNEL`` = flash | triton | torch. Default: vLLM's
+    FlashAttention on CUDA when available (exact here: the cache holds exactly the visible
+    keys), else the Triton kernel on CUDA, else torch."""
+    choice = os.environ.get("VLLM_SEPLLM_DECODE_KERNEL")
+    if device.type != "cuda":
+        return "torch"
+    if choice is None:
+        return "flash" if _flash_attn() is not None else "triton"
+    if choice not in ("flash", "triton", "torch"):
+        raise ValueError(f"VLLM_SEPLLM_DECODE_KERNEL must be flash, triton or torch; got {choice!r}")
+    return choice
 
 
 def _flash_attn():
@@ -104,7 +139,9 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
-        self.use_flash_decode = _flash_attn() is not None
+        self.decode_kernel = decode_kernel_choice(device)
+        # Triton masked prefill on CUDA; the torch reference (SDPA + dense mask) elsewhere.
+        self.triton_prefill = device.type == "cuda"
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SepLLMMetadata:
@@ -122,11 +159,12 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         device = cm.block_table_tensor.device
 
         decode_idx = [b for b in range(num_reqs) if qsl[b + 1] - qsl[b] == 1]
-        prefills = []
-        for b in range(num_reqs):
+        prefill_idx = [b for b in range(num_reqs) if qsl[b + 1] - qsl[b] > 1]
+        prefills, triton_prefill = [], None
+        if prefill_idx and self.triton_prefill:
+            triton_prefill = self._build_triton_prefill(cm, state, prefill_idx, qsl, cache_lens)
+        for b in [] if self.triton_prefill else prefill_idx:
             q0, q1 = qsl[b], qsl[b + 1]
-            if q1 - q0 <= 1:
-                continue
             slots = cache_slots(cm.block_table_tensor[b], cache_lens[b], self.block_size)
             mask = sepllm_mask(cm.positions[q0:q1], state.slot_pos[slots],
                                state.slot_sep[slots], state.row_retention[b])
@@ -137,7 +175,7 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         decode_max_len = int(lens.max()) if decode_idx else 0
         decode_slots = decode_valid = None
         block_table = cm.block_table_tensor[to_device(rows, device)] if decode_idx else None
-        if decode_idx and not self.use_flash_decode:
+        if decode_idx and self.decode_kernel == "torch":
             idx = torch.arange(decode_max_len)
             decode_valid = idx[None, :] < lens[:, None]
             blocks = block_table.to(torch.int64).gather(
@@ -157,7 +195,29 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
             decode_slots=decode_slots,
             decode_valid=decode_valid,
             prefills=prefills,
+            triton_prefill=triton_prefill,
         )
+
+    def _build_triton_prefill(self, cm, state, rows: list[int], qsl: list[int],
+                              cache_lens: list[int]) -> TritonPrefill:
+        from kernels.prefill import prefill_key_meta
+
+        from vllm_sepllm.worker import to_device
+
+        device = cm.block_table_tensor.device
+        qlens = [qsl[b + 1] - qsl[b] for b in rows]
+        starts = [0]
+        for n in qlens:
+            starts.append(starts[-1] + n)
+        tokens = to_device(torch.cat([torch.arange(qsl[b], qsl[b + 1]) for b in rows]), device)
+        block_table = cm.block_table_tensor[to_device(torch.tensor(rows), device)]
+        lens = to_device(torch.tensor([cache_lens[b] for b in rows], dtype=torch.int32), device)
+        qsl_p = to_device(torch.tensor(starts, dtype=torch.int32), device)
+        positions = cm.positions[tokens]
+        meta = prefill_key_meta(state.slot_pos, state.slot_sep, block_table, lens, qsl_p,
+                                positions, [state.row_retention[b] for b in rows],
+                                self.block_size, max_cache_len=max(cache_lens[b] for b in rows))
+        return TritonPrefill(tokens, block_table, lens, qsl_p, positions, meta, max(qlens))
 
 
 class SepLLMBackend(AttentionBackend):
@@ -237,6 +297,10 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
         self.flash = _flash_attn()
+        from vllm.config import get_current_vllm_config
+
+        self.decode_kernel = decode_kernel_choice(
+            torch.device(get_current_vllm_config().device_config.device))
 
     def do_kv_cache_update(self, layer: AttentionLayer, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,
@@ -262,12 +326,25 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
             kv = flat[row.slots]
             output[row.q_start:row.q_end] = masked_attention(
                 query[row.q_start:row.q_end], kv[..., :d], kv[..., d:], row.mask, self.scale)
+        if md.triton_prefill is not None:
+            from kernels.prefill import sepllm_prefill
+
+            tp = md.triton_prefill
+            out = sepllm_prefill(query.index_select(0, tp.tokens), kv_cache, tp.block_table,
+                                 tp.cache_lens, tp.query_start_loc, tp.positions, tp.meta,
+                                 self.scale, max_query_len=tp.max_query_len)
+            output.index_copy_(0, tp.tokens, out.to(output.dtype))
         if md.decode_rows.numel():
             q = query.index_select(0, md.decode_rows)
-            if self.flash is not None:
+            if md.decode_slots is not None:  # torch
+                out = decode_attention(q, flat, md.decode_slots, md.decode_valid, self.scale)
+            elif self.decode_kernel == "flash":
                 out = self._flash_decode(q, kv_cache, md)
             else:
-                out = decode_attention(q, flat, md.decode_slots, md.decode_valid, self.scale)
+                from kernels.decode import sepllm_decode
+
+                out = sepllm_decode(q, kv_cache, md.decode_block_table, md.decode_cache_lens,
+                                    self.scale, max_cache_len=md.decode_max_len)
             output.index_copy_(0, md.decode_rows, out.to(output.dtype))
         return output
 

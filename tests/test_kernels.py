@@ -1,0 +1,385 @@
+"""Kernels (kernels/, csrc/) against their torch references (vllm_sepllm/reference.py).
+
+* Attention kernels pass when their max error against an fp32 torch reference is at most twice
+  that of the same-precision torch run, plus one ulp of the dtype at 1.0 (the output rounding).
+* ``compact_kv`` is a copy: it must match :func:`vllm_sepllm.reference.move_slots` exactly.
+* ``prefill_key_meta`` must give exactly the mask of :func:`vllm_sepllm.reference.sepllm_mask`.
+
+GPU tests carry ``@pytest.mark.gpu``. On CPU, ``test_triton_kernels_under_interpreter`` re-runs
+the ``test_interp_*`` tests (tiny fp32 shapes) in a subprocess with ``TRITON_INTERPRET=1``, so
+CPU CI exercises the kernels' logic too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels.decode import sepllm_decode  # noqa: E402
+from kernels.prefill import prefill_key_meta, sepllm_prefill  # noqa: E402
+from vllm_sepllm.policy import Retention, retained_positions  # noqa: E402
+from vllm_sepllm.reference import (  # noqa: E402
+    decode_attention,
+    move_slots,
+    paged_sepllm_attention,
+    sepllm_mask,
+)
+
+HEAD_SIZES = [64, 128]
+BLOCK_SIZES = [16, 32]
+DTYPES = [torch.bfloat16, torch.float16]
+GQA = [(8, 8), (32, 8), (9, 3), (28, 4)]  # (Hq, Hkv)
+CACHE_LENS = [1, 3, 19, 1177]
+NUM_SPLITS = [None, 1, 5]  # None: the heuristic
+SEP = 1
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1")
+
+
+def assert_close_to_fp32(out, out_torch, ref32):
+    """``out`` (kernel) may be at most twice as far from ``ref32`` as ``out_torch`` (the torch
+    reference in the kernel's dtype), plus one ulp at 1.0."""
+    err = (out.float() - ref32).abs().max().item()
+    err_torch = (out_torch.float() - ref32).abs().max().item()
+    bound = 2 * err_torch + torch.finfo(out.dtype).eps
+    assert err <= bound, f"kernel error {err:.3g} > {bound:.3g} (torch error {err_torch:.3g})"
+
+
+def paged_cache(cache_lens, num_kv_heads, head_size, block_size, dtype, device, gen):
+    """A KV cache with shuffled pages for requests of ``cache_lens`` keys.
+
+    Returns (kv_cache [num_blocks, block_size, Hkv, 2D], block_table [B, max_blocks] int32,
+    slots [B, Lmax] int64 (0 past a row's end), valid [B, Lmax] bool). Unused block-table
+    entries hold other (stale) page ids, as vLLM's may.
+    """
+    pages = [-(-n // block_size) for n in cache_lens]
+    max_pages = max(pages) + 1
+    num_blocks = sum(pages) + 3
+    kv_cache = torch.randn(num_blocks, block_size, num_kv_heads, 2 * head_size, generator=gen)
+    perm = torch.randperm(num_blocks, generator=gen)
+    block_table = torch.randint(0, num_blocks, (len(cache_lens), max_pages), generator=gen)
+    used = 0
+    for b, n in enumerate(pages):
+        block_table[b, :n] = perm[used:used + n]
+        used += n
+    lmax = max(cache_lens)
+    idx = torch.arange(lmax)
+    valid = idx[None, :] < torch.tensor(cache_lens)[:, None]
+    slots = (block_table[:, idx // block_size] * block_size + idx % block_size)
+    slots = slots.masked_fill(~valid, 0)
+    return (kv_cache.to(device=device, dtype=dtype), block_table.to(device, torch.int32),
+            slots.to(device), valid.to(device))
+
+
+# ------------------------------------------------------------------------------ decode
+def check_decode(cache_lens, gqa, head_size, block_size, dtype, num_splits, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    num_heads, num_kv_heads = gqa
+    kv_cache, block_table, slots, valid = paged_cache(
+        cache_lens, num_kv_heads, head_size, block_size, dtype, device, gen)
+    q = torch.randn(len(cache_lens), num_heads, head_size, generator=gen).to(device, dtype)
+    lens = torch.tensor(cache_lens, dtype=torch.int32, device=device)
+    scale = head_size ** -0.5
+
+    out = sepllm_decode(q, kv_cache, block_table, lens, scale, num_splits=num_splits,
+                        max_cache_len=max(cache_lens))
+    flat = kv_cache.view(-1, num_kv_heads, 2 * head_size)
+    ref32 = decode_attention(q.float(), flat.float(), slots, valid, scale)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref32, atol=1e-5, rtol=1e-5)
+    else:
+        assert_close_to_fp32(out, decode_attention(q, flat, slots, valid, scale), ref32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", NUM_SPLITS)
+@pytest.mark.parametrize("cache_len", CACHE_LENS)
+@pytest.mark.parametrize("gqa", GQA)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("head_size", HEAD_SIZES)
+def test_decode(head_size, block_size, dtype, gqa, cache_len, num_splits):
+    # The longest row, a shorter one and a single key, batched together.
+    lens = [cache_len, max(cache_len * 5 // 9, 1), 1]
+    check_decode(lens, gqa, head_size, block_size, dtype, num_splits, "cuda")
+
+
+def check_decode_into_view(num_splits, dtype, device):
+    """``out`` may be a strided view (rows of a larger buffer): the kernel writes exactly what it
+    writes into a fresh tensor, and nothing else."""
+    gen = torch.Generator().manual_seed(1)
+    kv_cache, block_table, _, _ = paged_cache([300, 7], 2, 64, 16, dtype, device, gen)
+    q = torch.randn(2, 4, 64, generator=gen).to(device, dtype)
+    lens = torch.tensor([300, 7], dtype=torch.int32, device=device)
+    buf = torch.zeros(2, 6, 64, dtype=dtype, device=device)
+    sepllm_decode(q, kv_cache, block_table, lens, 0.125, out=buf[:, 1:5], num_splits=num_splits)
+    fresh = sepllm_decode(q, kv_cache, block_table, lens, 0.125, num_splits=num_splits)
+    assert torch.equal(buf[:, 1:5], fresh)
+    assert not buf[:, [0, 5]].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_into_view(num_splits):
+    check_decode_into_view(num_splits, torch.float16, "cuda")
+
+
+@interpreter_only
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("head_size", [64, 80])
+@pytest.mark.parametrize("gqa", [(4, 4), (9, 3)])
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_interp_decode(block_size, gqa, head_size, num_splits):
+    check_decode([150, 19, 3, 1], gqa, head_size, block_size, torch.float32, num_splits, "cpu")
+
+
+@interpreter_only
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_interp_decode_into_view(num_splits):
+    check_decode_into_view(num_splits, torch.float32, "cpu")
+
+
+# ------------------------------------------------------------------------------ prefill
+@dataclasses.dataclass
+class PrefillBatch:
+    """Requests whose compacted caches hold R(n) (shuffled) followed by a chunk [n, n + q)."""
+
+    query_start_loc: list[int]
+    cache_lens: list[int]
+    q_pos: torch.Tensor  # [T] int64
+    slot_pos: torch.Tensor  # [num_slots] int32
+    slot_sep: torch.Tensor  # [num_slots] bool
+    retentions: list[Retention]
+
+
+def make_prefill_batch(rows, rng, gen, num_kv_heads, head_size, block_size, dtype, device):
+    """``rows``: (n cached logical tokens, chunk length) per request. Returns the batch and
+    (kv_cache, block_table)."""
+    retentions, keys, seps, q_pos, qsl = [], [], [], [], [0]
+    for n, q_len in rows:
+        ids = [SEP if rng.random() < 0.2 else 0 for _ in range(n + q_len)]
+        r = Retention(rng.randint(0, 4), rng.choice([None, 0, 3, 8]), rng.randint(1, 40))
+        kept = retained_positions(ids, n, {SEP}, r)
+        rng.shuffle(kept)  # compaction leaves retained keys in any order
+        row_keys = kept + list(range(n, n + q_len))
+        retentions.append(r)
+        keys.append(row_keys)
+        seps.append([ids[p] == SEP for p in row_keys])
+        q_pos += range(n, n + q_len)
+        qsl.append(qsl[-1] + q_len)
+    cache_lens = [len(k) for k in keys]
+    kv_cache, block_table, slots, valid = paged_cache(
+        cache_lens, num_kv_heads, head_size, block_size, dtype, device, gen)
+    num_slots = kv_cache.shape[0] * block_size
+    # Unused slots hold junk records, as they may after compaction.
+    slot_pos = torch.randint(0, 10_000, (num_slots,), dtype=torch.int32)
+    slot_sep = torch.rand(num_slots, generator=gen) < 0.5
+    for b, row_keys in enumerate(keys):
+        s = slots[b, :len(row_keys)].cpu()
+        slot_pos[s] = torch.tensor(row_keys, dtype=torch.int32)
+        slot_sep[s] = torch.tensor(seps[b])
+    batch = PrefillBatch(qsl, cache_lens, torch.tensor(q_pos, device=device),
+                         slot_pos.to(device), slot_sep.to(device), retentions)
+    return batch, kv_cache, block_table
+
+
+def check_prefill(rows, gqa, head_size, block_size, dtype, device, seed=0):
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    num_heads, num_kv_heads = gqa
+    batch, kv_cache, block_table = make_prefill_batch(
+        rows, rng, gen, num_kv_heads, head_size, block_size, dtype, device)
+    q = torch.randn(batch.query_start_loc[-1], num_heads, head_size, generator=gen)
+    q = q.to(device, dtype)
+    lens = torch.tensor(batch.cache_lens, dtype=torch.int32, device=device)
+    qsl = torch.tensor(batch.query_start_loc, dtype=torch.int32, device=device)
+    scale = head_size ** -0.5
+
+    meta = prefill_key_meta(batch.slot_pos, batch.slot_sep, block_table, lens, qsl, batch.q_pos,
+                            batch.retentions, block_size)
+    out = sepllm_prefill(q, kv_cache, block_table, lens, qsl, batch.q_pos, meta, scale)
+
+    def reference(upcast):
+        return paged_sepllm_attention(
+            q, kv_cache, block_table, batch.cache_lens, batch.query_start_loc, batch.q_pos,
+            batch.slot_pos, batch.slot_sep, batch.retentions, scale, upcast=upcast)
+
+    ref32 = reference(upcast=True).float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref32, atol=1e-5, rtol=1e-5)
+    else:
+        assert_close_to_fp32(out, reference(upcast=False), ref32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", CACHE_LENS)
+@pytest.mark.parametrize("gqa", GQA)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("head_size", HEAD_SIZES)
+def test_prefill(head_size, block_size, dtype, gqa, chunk):
+    # A chunk after a long history, a first chunk, a decode row and a short chunk.
+    rows = [(700, chunk), (0, chunk), (300, 1), (45, max(chunk // 3, 1))]
+    check_prefill(rows, gqa, head_size, block_size, dtype, "cuda")
+
+
+@interpreter_only
+@pytest.mark.parametrize("head_size", [64, 80])
+@pytest.mark.parametrize("gqa", [(4, 4), (9, 3)])
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_interp_prefill(block_size, gqa, head_size):
+    rows = [(90, 19), (0, 21), (60, 1), (33, 3)]
+    check_prefill(rows, gqa, head_size, block_size, torch.float32, "cpu")
+
+
+def test_triton_kernels_under_interpreter():
+    """Runs the ``test_interp_*`` tests on CPU with Triton's interpreter (in a subprocess:
+    the switch is read when Triton's decorators run)."""
+    if INTERPRETED:
+        pytest.skip("already interpreting")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    # Triton's interpreter trips NumPy's array-to-scalar deprecation at every loop bound.
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_",
+         "-W", "ignore::DeprecationWarning", str(Path(__file__).relative_to(root))],
+        cwd=root, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------ mask metadata
+def mask_from_meta(meta, b, q_lo, q_hi, length, q_pos):
+    """[q_hi - q_lo, length] bool: the kernel's mask rule, evaluated in torch."""
+    kp = meta.key_pos[b, :length].long()[None, :]
+    kr = meta.key_rank[b, :length].long()[None, :]
+    tp = q_pos[q_lo:q_hi].long()[:, None]
+    th = meta.q_thresh[q_lo:q_hi].long()[:, None]
+    kept = (kp < meta.num_sinks[b]) | (kp > tp - meta.window[b]) | (kr >= th)
+    return (kp <= tp) & kept
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_prefill_key_meta_gives_sepllm_mask(seed):
+    """Arbitrary keys and queries (not just compacted states): the metadata's mask equals
+    ``sepllm_mask`` entry for entry."""
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    block_size = rng.choice([4, 16])
+    num_rows = rng.randint(1, 4)
+    rows, retentions = [], []
+    for _ in range(num_rows):
+        horizon = rng.randint(1, 150)
+        length = rng.randint(1, horizon)
+        positions = rng.sample(range(horizon), length)  # any order, no duplicates
+        num_q = rng.randint(1, 12)
+        q = sorted(rng.sample(range(horizon), min(num_q, horizon)))
+        sep_rate = rng.choice([0.0, 0.1, 0.5, 1.0])
+        rows.append((positions, [rng.random() < sep_rate for _ in positions], q))
+        retentions.append(Retention(rng.randint(0, 6), rng.choice([None, 0, 1, 2, 5, 50]),
+                                    rng.randint(1, 40)))
+    cache_lens = [len(p) for p, _, _ in rows]
+    _, block_table, slots, _ = paged_cache(cache_lens, 1, 1, block_size, torch.float32, "cpu",
+                                           gen)
+    num_slots = (int(block_table.max()) + 1) * block_size
+    slot_pos = torch.randint(0, 1000, (num_slots,), dtype=torch.int32, generator=gen)
+    slot_sep = torch.rand(num_slots, generator=gen) < 0.5
+    q_pos, qsl = [], [0]
+    for b, (positions, seps, q) in enumerate(rows):
+        slot_pos[slots[b, :len(positions)]] = torch.tensor(positions, dtype=torch.int32)
+        slot_sep[slots[b, :len(positions)]] = torch.tensor(seps)
+        q_pos += q
+        qsl.append(qsl[-1] + len(q))
+    q_pos = torch.tensor(q_pos)
+    meta = prefill_key_meta(slot_pos, slot_sep, block_table,
+                            torch.tensor(cache_lens, dtype=torch.int32),
+                            torch.tensor(qsl, dtype=torch.int32), q_pos, retentions, block_size)
+    assert meta.q_thresh.min() >= 0
+    for b, (positions, seps, _) in enumerate(rows):
+        expected = sepllm_mask(q_pos[qsl[b]:qsl[b + 1]], torch.tensor(positions),
+                               torch.tensor(seps), retentions[b])
+        got = mask_from_meta(meta, b, qsl[b], qsl[b + 1], len(positions), q_pos)
+        assert torch.equal(got, expected), (b, retentions[b])
+
+
+# ------------------------------------------------------------------------------ compact_kv
+ROW_SHAPES = [  # (Hkv, 2D, dtype): slot row bytes 4096 (16-byte vectors) down to 5 (bytes)
+    (8, 256, torch.bfloat16), (3, 10, torch.float16), (1, 3, torch.float16),
+    (2, 64, torch.float32), (1, 5, torch.uint8),
+]
+
+
+def make_caches(num_layers, num_blocks, block_size, row_shape, misalign, gen):
+    """Per-layer caches, optionally starting one element past an aligned address (so the op
+    must fall back to narrower vectors)."""
+    hkv, width, dtype = row_shape
+    caches = []
+    for _ in range(num_layers):
+        numel = num_blocks * block_size * hkv * width
+        buf = (torch.randn(numel + 1, generator=gen) * 100).to(dtype)
+        caches.append(buf[int(misalign):numel + int(misalign)].view(num_blocks, block_size, hkv,
+                                                                    width))
+    return caches
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_moves", [0, 1, 37, 1000])
+@pytest.mark.parametrize("misalign", [False, True])
+@pytest.mark.parametrize("row_shape", ROW_SHAPES)
+@pytest.mark.parametrize("num_layers", [0, 1, 32])
+def test_compact_kv_matches_move_slots(num_layers, row_shape, misalign, num_moves):
+    from kernels import load_compact_kv
+
+    if not load_compact_kv():
+        pytest.skip("vllm_sepllm._C is not built")
+    gen = torch.Generator().manual_seed(num_moves + num_layers)
+    num_blocks, block_size = 200, 16
+    num_slots = num_blocks * block_size
+    caches = make_caches(num_layers, num_blocks, block_size, row_shape, misalign, gen)
+    slot_pos = torch.randint(0, 1 << 30, (num_slots,), dtype=torch.int32, generator=gen)
+    slot_sep = torch.rand(num_slots, generator=gen) < 0.5
+    perm = torch.randperm(num_slots, generator=gen)
+    src, dst = perm[:num_moves], perm[num_moves:2 * num_moves]
+
+    expected = [t.clone() for t in [*caches, slot_pos, slot_sep]]
+    move_slots(expected, src, dst)
+    got = [t.cuda() for t in [*caches, slot_pos, slot_sep]]
+    torch.ops.vllm_sepllm.compact_kv(got[:-2], got[-2], got[-1], src.cuda(), dst.cuda())
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g.cpu())
+
+
+@pytest.mark.gpu
+def test_compact_kv_under_torch_compile():
+    """The fake registration lets the op trace; functionalization must keep its writes."""
+    from kernels import load_compact_kv
+
+    if not load_compact_kv():
+        pytest.skip("vllm_sepllm._C is not built")
+    gen = torch.Generator().manual_seed(0)
+    caches = [c.cuda() for c in make_caches(4, 8, 16, ROW_SHAPES[0], False, gen)]
+    slot_pos = torch.arange(128, dtype=torch.int32, device="cuda")
+    slot_sep = torch.arange(128, device="cuda") % 3 == 0
+    src = torch.tensor([100, 7, 64], device="cuda")
+    dst = torch.tensor([3, 90, 5], device="cuda")
+    torch.library.opcheck(torch.ops.vllm_sepllm.compact_kv.default,
+                          ([c.clone() for c in caches], slot_pos.clone(), slot_sep.clone(), src,
+                           dst))
+
+    expected = [t.clone() for t in [*caches, slot_pos, slot_sep]]
+    move_slots(expected, src, dst)
+
+    @torch.compile(fullgraph=True)
+    def step(kv_caches, pos, sep, s, d):
+        torch.ops.vllm_sepllm.compact_kv(kv_caches, pos, sep, s, d)
+
+    step(caches, slot_pos, slot_sep, src, dst)
+    for e, g in zip(expected, [*caches, slot_pos, slot_sep], strict=True):
+        assert torch.equal(e, g)
