@@ -169,8 +169,7 @@ class SepLLMRunnerMixin:
         total = scheduler_output.total_num_scheduled_tokens
         req_ids = self.input_batch.req_ids
         dropped = state.row_dropped_cpu
-        for i, req_id in enumerate(req_ids):
-            dropped[i] = state.dropped.get(req_id, 0)
+        dropped.numpy()[:num_reqs] = [state.dropped.get(r, 0) for r in req_ids[:num_reqs]]
         state.row_retention = [
             state.retention.get(r, Retention(0, None, FULL_WINDOW)) for r in req_ids
         ]
