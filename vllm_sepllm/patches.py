@@ -240,8 +240,3 @@ def configure_engine(vllm_config) -> None:
         _fail(f"SEPLLM brings its own worker; worker_cls={par.worker_cls!r} is set")
     logger.info("sepllm: %s", ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()
                                         if k != "separator_token_ids"))
-
-
-def install_worker_patches() -> None:
-    """Worker-process patches (none beyond :func:`install`; kept as the one hook point)."""
-    install()

@@ -32,7 +32,6 @@ dropped is written at cache index ``p - D``.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 from collections import deque
 from collections.abc import Collection, Sequence
@@ -80,16 +79,6 @@ def retained_positions(token_ids: Sequence[int], n: int, sep_ids: Collection[int
     head = list(range(min(a, n)))
     tail = list(range(max(window_start, min(a, n)), n))
     return head + seps + tail
-
-
-def separator_rank_threshold(sep_positions: Sequence[int], t: int, r: Retention) -> int:
-    """For a query at ``t``: separators at index ``>= threshold`` of the ascending list
-    ``sep_positions`` (separator positions ``>= a``) that lie before the window are visible.
-    Used by tests of the mask builders."""
-    before_window = bisect.bisect_left(sep_positions, t - r.window + 1)
-    if r.sep_cap is None:
-        return 0
-    return max(before_window - r.sep_cap, 0)
 
 
 # ------------------------------------------------------------------ incremental cache state

@@ -43,7 +43,8 @@ class StepPlan:
 
 @dataclasses.dataclass
 class SepLLMStats:
-    """Engine-wide SepLLM counters (exported as metrics)."""
+    """Engine-wide SepLLM counters, cumulative (not exported yet: the metrics export is the
+    serving issue's)."""
 
     tokens_evicted: int = 0
     blocks_freed: int = 0

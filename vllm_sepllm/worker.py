@@ -63,7 +63,6 @@ class SepLLMWorkerState:
                                            pin_memory=device.type == "cuda")
         self.row_dropped = torch.zeros(max_num_reqs, dtype=torch.int32, device=device)
         self.row_retention: list[Retention] = []
-        self.tokens_moved = 0
 
     def allocate_slots(self, num_slots: int) -> None:
         self.slot_pos = torch.full((num_slots,), -1, dtype=torch.int32, device=self.device)
@@ -160,7 +159,6 @@ class SepLLMRunnerMixin:
         from vllm_sepllm.ops import compact_kv
 
         compact_kv(self.kv_caches, self.sepllm.slot_pos, self.sepllm.slot_sep, src_t, dst_t)
-        self.sepllm.tokens_moved += int(src_t.numel())
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
@@ -208,9 +206,9 @@ def _make_worker(base):
         """vLLM worker whose model runner carries the SepLLM mechanism."""
 
         def init_device(self):
-            from vllm_sepllm.patches import install_worker_patches
+            from vllm_sepllm.patches import install
 
-            install_worker_patches()
+            install()  # idempotent; the plugin entry point normally ran it already
             super().init_device()
             extend_runner(self.model_runner)
 
