@@ -141,11 +141,14 @@ def _merge_kernel(
     d_mask = offs_d < HEAD_SIZE
     base = (b.to(tl.int64) * tl.num_programs(1) + head) * num_splits
     lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
-    # The first split of a non-empty row is never empty, so the maximum is finite.
-    weight = tl.exp2(lse - tl.max(lse, 0))
+    # A row of length 0 (CUDA-graph padding) has only empty splits: all log-sum-exps are -inf;
+    # it merges to zeros instead of NaN.
+    top = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
     o = tl.load(part_out_ptr + (base + offs_s)[:, None] * HEAD_SIZE + offs_d[None, :],
                 mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-    merged = tl.sum(weight[:, None] * o, 0) / tl.sum(weight, 0)
+    total = tl.sum(weight, 0)
+    merged = tl.sum(weight[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
     o_offs = b.to(tl.int64) * stride_o_b + head.to(tl.int64) * stride_o_h
     tl.store(out_ptr + o_offs + offs_d, merged.to(out_ptr.dtype.element_ty), mask=d_mask)
 

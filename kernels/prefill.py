@@ -13,6 +13,13 @@ small per-key and per-query integers, never materialised::
 key) and ``q_thresh`` is the rank of the oldest separator the query still sees; the two are
 built by :func:`prefill_key_meta`, consistently with :func:`vllm_sepllm.reference.sepllm_mask`
 (the torch reference of the whole op is :func:`vllm_sepllm.reference.paged_sepllm_attention`).
+
+Tile skipping. A row's cache is ``[retained keys of earlier steps (any order) | the chunk (in
+order)]``. The retained part is small (at most a + s + w keys when the separators are capped)
+and is scanned whole. In the chunk, a query sees only sinks, the separators from its oldest
+visible one on, and its window, so ``q_kv_lo[t]`` (the first chunk index query t can see) cuts
+the chunk scan of each query tile to ``[min q_kv_lo over the tile, its last query]``: about
+w + (the span of s separators) + the tile, instead of the whole causal prefix.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class PrefillKeyMeta(NamedTuple):
     key_pos: torch.Tensor  # [B, Lmax] int32, logical position of each cache index
     key_rank: torch.Tensor  # [B, Lmax] int32, rank among the row's separators >= a, else -1
     q_thresh: torch.Tensor  # [T] int32, oldest separator rank each query sees (>= 0)
+    q_kv_lo: torch.Tensor  # [T] int32, first cache index in the query's chunk it may see
     num_sinks: torch.Tensor  # [B] int32, a
     window: torch.Tensor  # [B] int32, w
 
@@ -119,9 +127,62 @@ def prefill_key_meta(
     # non-separators (rank -1) never pass.
     cap = sep_cap[q_row]
     q_thresh = torch.where(cap < 0, 0, (before_win - cap).clamp(min=0))
+
+    # First chunk index each query may see (the kernel scans the chunk from the smallest of its
+    # tile's). The chunk of row b starts at cache index c0 = cache_len - q_len with position
+    # n = the row's first query position; chunk index c0 + i holds position n + i.
+    q_len = query_start_loc[1:] - query_start_loc[:-1]
+    c0 = (cache_lens - q_len).to(torch.int64)[q_row]
+    first = q_pos[query_start_loc[:-1].clamp(max=max(q_pos.shape[0] - 1, 0)).long()]
+    n = first.to(torch.int64)[q_row]
+    big = torch.iinfo(torch.int32).max
+    win_lo = c0 + (win_start - n).clamp(min=0)
+    sink_lo = torch.where(n < num_sinks[q_row], c0, big)
+    # The query sees, outside its window, the separators of ranks q_thresh .. before_win - 1;
+    # the first of them in the chunk has rank max(q_thresh, separators before the chunk), and
+    # its position is the low 32 bits of its sort key.
+    before_chunk = torch.searchsorted(sep_sorted, (q_row << 32) + n) - row_offset[q_row]
+    rank_lo = torch.maximum(q_thresh, before_chunk)
+    has_sep = rank_lo < before_win
+    at = (row_offset[q_row] + rank_lo).clamp(max=max(sep_sorted.shape[0] - 1, 0))
+    sep_key_pos = sep_sorted[at] & 0xFFFFFFFF if sep_sorted.numel() else torch.zeros_like(at)
+    sep_lo = torch.where(has_sep, c0 + sep_key_pos - n, big)
+    q_kv_lo = torch.minimum(torch.minimum(win_lo, sink_lo), sep_lo)
     i32 = torch.int32
     return PrefillKeyMeta(key_pos.to(i32), key_rank.to(i32), q_thresh.to(i32),
-                          num_sinks.to(i32), window.to(i32))
+                          q_kv_lo.to(i32), num_sinks.to(i32), window.to(i32))
+
+
+@triton.jit
+def _attend_tile(q, m_i, l_i, acc, tile_start, end, bt_row, kv_head_ptr, key_pos_ptr,
+                 key_rank_ptr, meta_row, t_pos, thresh, win_floor, num_sinks, offs_d, d_mask,
+                 qk_scale, stride_kv_block, stride_kv_slot, HEAD_SIZE: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile ``[tile_start, min(tile_start + TILE_N, end))`` of the online softmax."""
+    idx = tile_start + tl.arange(0, TILE_N)
+    valid = idx < end
+    page = tl.load(bt_row + idx // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    row = page * stride_kv_block + (idx % BLOCK_SIZE).to(tl.int64) * stride_kv_slot
+    kv_mask = valid[:, None] & d_mask[None, :]
+    k = tl.load(kv_head_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(kv_head_ptr + row[:, None] + HEAD_SIZE + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    k_pos = tl.load(key_pos_ptr + meta_row + idx, mask=valid, other=0)
+    k_rank = tl.load(key_rank_ptr + meta_row + idx, mask=valid, other=-1)
+
+    kept = ((k_pos[None, :] < num_sinks) | (k_pos[None, :] > win_floor[:, None])
+            | (k_rank[None, :] >= thresh[:, None]))
+    visible = valid[None, :] & (k_pos[None, :] <= t_pos[:, None]) & kept
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    # A row may see nothing in a tile (or yet): keep the running max finite for exp2.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -135,6 +196,7 @@ def _prefill_kernel(
     key_pos_ptr,  # [B, Lmax] int32
     key_rank_ptr,  # [B, Lmax] int32
     q_thresh_ptr,  # [T] int32
+    q_kv_lo_ptr,  # [T] int32
     num_sinks_ptr,  # [B] int32
     window_ptr,  # [B] int32
     out_ptr,  # [T, Hq, D]
@@ -182,8 +244,12 @@ def _prefill_kernel(
     win_floor = t_pos - window  # keys above this are in the query's window
 
     # The chunk's keys sit in order at cache indices length - q_len ...; those after the tile's
-    # last query are its future, so the loop stops there (the causal half of the work).
-    kv_end = tl.minimum(length, length - q_len + (q_tile + 1) * BLOCK_Q)
+    # last query are its future, so the scan stops there (the causal half of the work). Before
+    # the chunk: the retained keys, scanned whole; in the chunk: from the tile's first visible.
+    chunk_start = length - q_len
+    kv_end = tl.minimum(length, chunk_start + (q_tile + 1) * BLOCK_Q)
+    kv_lo = tl.load(q_kv_lo_ptr + t, mask=tok_mask, other=2147483647)
+    chunk_lo = tl.maximum(tl.min(kv_lo, 0), chunk_start)
 
     m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
@@ -191,31 +257,18 @@ def _prefill_kernel(
     bt_row = block_table_ptr + b.to(tl.int64) * stride_bt_b
     meta_row = b.to(tl.int64) * stride_meta_b
     kv_head_ptr = kv_ptr + kv_head.to(tl.int64) * stride_kv_head
-    for tile_start in range(0, kv_end, TILE_N):
-        idx = tile_start + tl.arange(0, TILE_N)
-        valid = idx < kv_end
-        page = tl.load(bt_row + idx // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        row = page * stride_kv_block + (idx % BLOCK_SIZE).to(tl.int64) * stride_kv_slot
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(kv_head_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(kv_head_ptr + row[:, None] + HEAD_SIZE + offs_d[None, :], mask=kv_mask,
-                    other=0.0)
-        k_pos = tl.load(key_pos_ptr + meta_row + idx, mask=valid, other=0)
-        k_rank = tl.load(key_rank_ptr + meta_row + idx, mask=valid, other=-1)
-
-        kept = ((k_pos[None, :] < num_sinks) | (k_pos[None, :] > win_floor[:, None])
-                | (k_rank[None, :] >= thresh[:, None]))
-        visible = valid[None, :] & (k_pos[None, :] <= t_pos[:, None]) & kept
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(visible, s, float("-inf"))
-        # A row may see nothing in a tile (or yet): keep the running max finite for exp2.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    for tile_start in range(0, chunk_start, TILE_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, tile_start, chunk_start, bt_row, kv_head_ptr, key_pos_ptr,
+            key_rank_ptr, meta_row, t_pos, thresh, win_floor, num_sinks, offs_d, d_mask,
+            qk_scale, stride_kv_block, stride_kv_slot, HEAD_SIZE, BLOCK_SIZE, TILE_N,
+            DOT_PRECISION)
+    for tile_start in range(chunk_lo, kv_end, TILE_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, tile_start, kv_end, bt_row, kv_head_ptr, key_pos_ptr,
+            key_rank_ptr, meta_row, t_pos, thresh, win_floor, num_sinks, offs_d, d_mask,
+            qk_scale, stride_kv_block, stride_kv_slot, HEAD_SIZE, BLOCK_SIZE, TILE_N,
+            DOT_PRECISION)
 
     # Every real query sees its own key (l_i > 0); padding rows divide by 1 and are not stored.
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -283,7 +336,8 @@ def sepllm_prefill(
     grid = (triton.cdiv(max_query_len, block_q), batch, num_kv_heads)
     _prefill_kernel[grid](
         q, kv_cache, block_table, cache_lens, query_start_loc, q_pos,
-        meta.key_pos, meta.key_rank, meta.q_thresh, meta.num_sinks, meta.window, out,
+        meta.key_pos, meta.key_rank, meta.q_thresh, meta.q_kv_lo, meta.num_sinks, meta.window,
+        out,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),

@@ -150,6 +150,155 @@ def test_interp_decode_into_view(num_splits):
     check_decode_into_view(num_splits, torch.float32, "cpu")
 
 
+def check_decode_padded(num_splits, dtype, device):
+    """Rows of length 0 (CUDA-graph padding: seq_len 0, null block) give zeros, not NaN, with
+    any fixed split count, and leave the real rows exact."""
+    gen = torch.Generator().manual_seed(2)
+    lens_list = [150, 1, 19, 1]
+    kv_cache, block_table, slots, valid = paged_cache(lens_list, 2, 64, 16, dtype, device, gen)
+    q = torch.randn(4, 4, 64, generator=gen).to(device, dtype)
+    lens = torch.tensor([150, 0, 19, 0], dtype=torch.int32, device=device)
+    out = sepllm_decode(q, kv_cache, block_table, lens, 0.125, num_splits=num_splits)
+    assert torch.isfinite(out).all()
+    assert not out[[1, 3]].any()
+    flat = kv_cache.view(-1, 2, 128)
+    real = [0, 2]
+    ref = decode_attention(q[real].float(), flat.float(), slots[real], valid[real], 0.125)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out[real], ref, atol=1e-5, rtol=1e-5)
+    else:
+        ref_same = decode_attention(q[real], flat, slots[real], valid[real], 0.125)
+        assert_close_to_fp32(out[real], ref_same, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 3, 32])
+def test_decode_padded_rows(num_splits):
+    check_decode_padded(num_splits, torch.bfloat16, "cuda")
+
+
+@interpreter_only
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_interp_decode_padded_rows(num_splits):
+    check_decode_padded(num_splits, torch.float32, "cpu")
+
+
+def _graph_decode_case(kernel):
+    """The backend's uniform-decode path (``SepLLMImpl._uniform_decode``) captured in a CUDA
+    graph, then replayed after the persistent inputs changed in place (new lengths, pages,
+    queries, KV): replay must equal the torch reference of the *new* inputs."""
+    from vllm_sepllm.backend import SepLLMImpl, SepLLMMetadata, _flash_attn
+
+    flash = _flash_attn()
+    if kernel == "flash" and flash is None:
+        pytest.skip("vLLM FlashAttention is not available")
+    num_heads, num_kv_heads, head_size, block_size, dtype = 32, 8, 128, 16, torch.bfloat16
+    max_len, batch, padded = 1177, 5, 8  # 5 live rows padded to a captured batch of 8
+    gen = torch.Generator().manual_seed(3)
+    capacity = padded * (-(-max_len // block_size)) + 4
+    kv = torch.randn(capacity, block_size, num_kv_heads, 2 * head_size, generator=gen)
+    kv = kv.to("cuda", dtype)
+    table = torch.zeros(padded, -(-max_len // block_size), dtype=torch.int32, device="cuda")
+    lens = torch.zeros(padded, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(padded + 1, dtype=torch.int32, device="cuda")
+    q = torch.zeros(padded, num_heads, head_size, dtype=dtype, device="cuda")
+    out = torch.zeros_like(q)
+
+    def fill(cache_lens):
+        perm = torch.randperm(capacity - 1, generator=gen) + 1  # block 0: the null block
+        table.zero_()
+        used = 0
+        for b, n in enumerate(cache_lens):
+            pages = -(-n // block_size)
+            table[b, :pages] = perm[used:used + pages].to("cuda", torch.int32)
+            used += pages
+        lens.zero_()
+        lens[:len(cache_lens)] = torch.tensor(cache_lens, dtype=torch.int32)
+        q.copy_(torch.randn(q.shape, generator=gen))
+        kv.copy_(torch.randn(kv.shape, generator=gen))
+
+    impl = SepLLMImpl.__new__(SepLLMImpl)
+    impl.num_heads, impl.head_size, impl.num_kv_heads = num_heads, head_size, num_kv_heads
+    impl.scale, impl.flash, impl.decode_kernel = head_size ** -0.5, flash, kernel
+    sched_buf = torch.zeros(1 + 4 * 2 * 4, dtype=torch.int32, device="cuda") \
+        if kernel == "flash" and flash.version == 3 else None
+
+    def metadata(max_seq_len):
+        splits, sched = (32, None) if kernel == "flash" else (9, None)
+        if sched_buf is not None:
+            s = flash.scheduler_metadata(
+                batch_size=padded, max_seqlen_q=1, max_seqlen_k=max_seq_len,
+                num_heads_q=num_heads, num_heads_kv=num_kv_heads, headdim=head_size,
+                cache_seqlens=lens, qkv_dtype=dtype, cu_seqlens_q=qsl, page_size=block_size,
+                causal=True, window_size=(-1, -1), num_splits=splits)
+            sched_buf[:s.shape[0]] = s
+            sched_buf[s.shape[0]:] = 0
+            sched = sched_buf[:s.shape[0]]
+        return SepLLMMetadata(
+            num_actual_tokens=padded, slot_mapping=torch.full((padded,), -1, device="cuda"),
+            decode_rows=None, decode_block_table=table, decode_cache_lens=lens,
+            decode_max_len=max_seq_len, decode_slots=None, decode_valid=None, prefills=[],
+            query_start_loc=qsl, num_splits=splits, scheduler_metadata=sched)
+
+    fill([max_len, 3, 300, 1, 19])
+    md = metadata(max_len)
+    impl._uniform_decode(q, kv, md, out)  # warm-up (Triton compiles outside the capture)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        impl._uniform_decode(q, kv, md, out)
+    for cache_lens in ([19, 1177, 1, 700, 64], [1, 1, 2, 3, 5]):
+        fill(cache_lens)
+        metadata(max(cache_lens))  # refreshes the FA3 schedule buffer in place, as build() does
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        idx = torch.arange(max_len, device="cuda")
+        valid = idx[None, :] < lens[:batch, None]
+        slots = (table[:batch, idx // block_size].long() * block_size + idx % block_size)
+        slots = slots.masked_fill(~valid, 0)
+        flat = kv.view(-1, num_kv_heads, 2 * head_size)
+        scale = head_size ** -0.5
+        ref32 = decode_attention(q[:batch].float(), flat.float(), slots, valid, scale)
+        same = decode_attention(q[:batch], flat, slots, valid, scale)
+        assert_close_to_fp32(out[:batch], same, ref32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["flash", "triton"])
+def test_uniform_decode_under_cuda_graph(kernel):
+    _graph_decode_case(kernel)
+
+
+@pytest.mark.gpu
+def test_kv_write_skips_padding_like_reference():
+    """CUDA KV write (vLLM's reshape_and_cache_flash on strided views of our layout) equals
+    the torch reference ``write_kv``, padded slots (-1) included, with no host sync."""
+    from types import SimpleNamespace
+
+    from vllm_sepllm.backend import SepLLMImpl, _flash_attn
+    from vllm_sepllm.reference import write_kv
+
+    flash = _flash_attn()
+    if flash is None:
+        pytest.skip("vLLM FlashAttention ops are not available")
+    gen = torch.Generator().manual_seed(4)
+    for dtype, hkv, d in [(torch.bfloat16, 8, 128), (torch.float16, 3, 64)]:
+        kv = torch.randn(40, 16, hkv, 2 * d, generator=gen).to("cuda", dtype)
+        key = torch.randn(37, hkv, d, generator=gen).to("cuda", dtype)
+        value = torch.randn(37, hkv, d, generator=gen).to("cuda", dtype)
+        slots = torch.randperm(40 * 16, generator=gen)[:33].to("cuda")
+        slots[[0, 5, 32]] = -1  # padding
+        expected = kv.clone()
+        write_kv(expected, key, value, slots)
+        impl = SepLLMImpl.__new__(SepLLMImpl)
+        impl.head_size, impl.flash, impl.kv_cache_dtype = d, flash, "auto"
+        one = torch.ones((), device="cuda")
+        impl.do_kv_cache_update(SimpleNamespace(_k_scale=one, _v_scale=one), key, value, kv,
+                                slots)
+        assert torch.equal(kv, expected)
+
+
 # ------------------------------------------------------------------------------ prefill
 @dataclasses.dataclass
 class PrefillBatch:
@@ -309,6 +458,34 @@ def test_prefill_key_meta_gives_sepllm_mask(seed):
                                torch.tensor(seps), retentions[b])
         got = mask_from_meta(meta, b, qsl[b], qsl[b + 1], len(positions), q_pos)
         assert torch.equal(got, expected), (b, retentions[b])
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_prefill_chunk_lower_bound_is_tight(seed):
+    """``q_kv_lo`` (where the kernel starts scanning a query's chunk) is safe: no key of the
+    chunk below it is visible to the query; and tight: the key at it is visible."""
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    rows = [(rng.choice([0, 2, 5, 40, 300]), rng.choice([1, 2, 17, 90, 260]))
+            for _ in range(rng.randint(1, 4))]
+    block_size = rng.choice([4, 16])
+    batch, _, block_table = make_prefill_batch(rows, rng, gen, 1, 1, block_size, torch.float32,
+                                               "cpu")
+    lens = torch.tensor(batch.cache_lens, dtype=torch.int32)
+    qsl = torch.tensor(batch.query_start_loc, dtype=torch.int32)
+    meta = prefill_key_meta(batch.slot_pos, batch.slot_sep, block_table, lens, qsl,
+                            batch.q_pos, batch.retentions, block_size)
+    for b, (_, q_len) in enumerate(rows):
+        length = batch.cache_lens[b]
+        c0 = length - q_len
+        idx = torch.arange(length)
+        slots = block_table[b, idx // block_size].long() * block_size + idx % block_size
+        mask = sepllm_mask(batch.q_pos[qsl[b]:qsl[b + 1]], batch.slot_pos[slots],
+                           batch.slot_sep[slots], batch.retentions[b])
+        for j in range(q_len):
+            lo = int(meta.q_kv_lo[qsl[b] + j])
+            assert c0 <= lo <= c0 + j, (b, j, lo, c0)
+            assert not mask[j, c0:lo].any(), (b, j, lo)
+            assert mask[j, lo], (b, j, lo)
 
 
 # ------------------------------------------------------------------------------ compact_kv

@@ -85,6 +85,11 @@ class SepLLMMetadata:
     [Bd, max_blocks] int32, ``decode_cache_lens`` [Bd] int32 (on device), and for the torch
     path ``decode_slots`` [Bd, Lmax] int64 + ``decode_valid`` [Bd, Lmax] bool.
     Prefill rows (several new tokens) carry their own mask (:class:`PrefillRow`).
+
+    A step whose rows are all decodes (``max_query_len == 1``) on CUDA takes the *uniform
+    decode* form: ``decode_rows`` is None (query i is row i), ``decode_block_table``,
+    ``decode_cache_lens`` and ``query_start_loc`` are the runner's persistent buffers (padded
+    rows: length 0, null block), so the same metadata serves a captured full CUDA graph.
     """
 
     num_actual_tokens: int
@@ -97,6 +102,11 @@ class SepLLMMetadata:
     decode_valid: torch.Tensor | None
     prefills: list[PrefillRow]
     triton_prefill: TritonPrefill | None = None
+    # Uniform decode (every row one token; CUDA): ``decode_rows`` is None, the tensors above are
+    # the runner's persistent buffers (CUDA-graph safe) and these drive the kernel.
+    query_start_loc: torch.Tensor | None = None
+    num_splits: int | None = None
+    scheduler_metadata: torch.Tensor | None = None
 
 
 def decode_kernel_choice(device: torch.device) -> str:
@@ -113,27 +123,53 @@ def decode_kernel_choice(device: torch.device) -> str:
     return choice
 
 
-def _flash_attn():
-    """vLLM's FlashAttention varlen function on CUDA (FA3 on Hopper), else None."""
+@dataclasses.dataclass(frozen=True)
+class FlashOps:
+    """vLLM's FlashAttention entry points (FA3 on Hopper)."""
+
+    varlen: object  # flash_attn_varlen_func
+    version: int
+    scheduler_metadata: object  # get_scheduler_metadata (FA3 ahead-of-time schedule)
+    reshape_and_cache: object  # reshape_and_cache_flash: KV write that skips padded slots
+
+
+def _flash_attn() -> FlashOps | None:
+    """vLLM's FlashAttention ops on CUDA, else None."""
     if not torch.cuda.is_available():
         return None
     try:
         from vllm.v1.attention.backends.fa_utils import (
             flash_attn_varlen_func,
             get_flash_attn_version,
+            get_scheduler_metadata,
             is_flash_attn_varlen_func_available,
+            reshape_and_cache_flash,
         )
     except ImportError:
         return None
     if not is_flash_attn_varlen_func_available():
         return None
-    return flash_attn_varlen_func, get_flash_attn_version()
+    return FlashOps(flash_attn_varlen_func, get_flash_attn_version(), get_scheduler_metadata,
+                    reshape_and_cache_flash)
 
 
 class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
-    # Per-step host lists and per-request loops: eager only (PIECEWISE graphs keep the
-    # rest of the model captured; attention runs outside the graphs).
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # CUDA graphs: UNIFORM_SINGLE_TOKEN_DECODE. A decode row needs no mask (its compacted cache
+    # holds exactly the keys it sees), so an all-decode step is plain paged attention over
+    # (block_table, seq_lens) — the runner's persistent buffers — and is captured in a full
+    # graph (vLLM's FULL_AND_PIECEWISE default). Steps with prefill rows build their mask
+    # metadata on the host per step (per-request retention, separator ranks) and run under
+    # piecewise graphs with attention outside them. The torch decode path (CPU) never captures.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = (
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig,
+                              kv_cache_spec: AttentionSpec) -> AttentionCGSupport:
+        device = torch.device(vllm_config.device_config.device)
+        if decode_kernel_choice(device) == "torch":
+            return AttentionCGSupport.NEVER
+        return cls._cudagraph_support
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device) -> None:
@@ -142,6 +178,30 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         self.decode_kernel = decode_kernel_choice(device)
         # Triton masked prefill on CUDA; the torch reference (SDPA + dense mask) elsewhere.
         self.triton_prefill = device.type == "cuda"
+        model = vllm_config.model_config
+        parallel = vllm_config.parallel_config
+        self.num_heads_q = model.get_num_attention_heads(parallel)
+        self.num_heads_kv = model.get_num_kv_heads(parallel)
+        self.head_size = model.get_head_size()
+        self.max_model_len = model.max_model_len
+        cc = vllm_config.compilation_config
+        self.full_graphs = (device.type == "cuda" and self.decode_kernel != "torch"
+                            and cc.cudagraph_mode.has_full_cudagraphs())
+        self.max_graph_tokens = cc.max_cudagraph_capture_size or 0
+        self.flash = _flash_attn() if self.decode_kernel == "flash" else None
+        self.scheduler_metadata = None
+        self.flash_graph_splits = 0
+        if self.full_graphs and self.flash is not None:
+            # As vLLM's FlashAttention backend: a split bound sizes FA3's intermediate buffers
+            # at capture; FA3's ahead-of-time schedule lives in a persistent buffer
+            # (1 + round_up(batch, 4) * 4 int32, flash_api.cpp).
+            self.flash_graph_splits = vllm_config.attention_config.\
+                flash_attn_max_num_splits_for_cuda_graph
+            if self.flash.version == 3:
+                max_batch = max(vllm_config.scheduler_config.max_num_seqs,
+                                self.max_graph_tokens)
+                self.scheduler_metadata = torch.zeros(1 + -(-max_batch // 4) * 4 * 4,
+                                                      dtype=torch.int32, device=device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SepLLMMetadata:
@@ -149,6 +209,8 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         from vllm_sepllm.worker import SepLLMWorkerState, to_device
 
         cm = common_attn_metadata
+        if cm.max_query_len == 1 and self.decode_kernel != "torch" and cm.num_reqs > 0:
+            return self._build_uniform_decode(cm)
         state = SepLLMWorkerState.current
         num_reqs = cm.num_reqs
         qsl = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
@@ -196,6 +258,50 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
             decode_valid=decode_valid,
             prefills=prefills,
             triton_prefill=triton_prefill,
+        )
+
+    def _build_uniform_decode(self, cm: CommonAttentionMetadata) -> SepLLMMetadata:
+        """All rows decode: persistent buffers only, so a full CUDA graph can replay it.
+
+        Split counts must not depend on this step's lengths (a replay reuses the captured
+        launch): under graphs FA3 gets vLLM's split bound and our Triton kernel a count fixed
+        by the batch size and ``max_model_len``."""
+        num_tokens = cm.num_actual_tokens
+        graphed = self.full_graphs and num_tokens <= self.max_graph_tokens
+        num_splits = scheduler_metadata = None
+        if self.decode_kernel == "flash":
+            num_splits = self.flash_graph_splits if graphed else 0
+            if graphed and self.scheduler_metadata is not None:
+                sched = self.flash.scheduler_metadata(
+                    batch_size=cm.num_reqs, max_seqlen_q=1, max_seqlen_k=cm.max_seq_len,
+                    num_heads_q=self.num_heads_q, num_heads_kv=self.num_heads_kv,
+                    headdim=self.head_size, cache_seqlens=cm.seq_lens,
+                    qkv_dtype=self.kv_cache_spec.dtype, cu_seqlens_q=cm.query_start_loc,
+                    page_size=self.block_size, causal=True, window_size=(-1, -1),
+                    num_splits=num_splits)
+                n = sched.shape[0]
+                self.scheduler_metadata[:n] = sched
+                # Stale entries past n would let idle thread blocks write the output.
+                self.scheduler_metadata[n:] = 0
+                scheduler_metadata = self.scheduler_metadata[:n]
+        elif graphed:
+            from kernels.decode import default_num_splits
+
+            num_splits = default_num_splits(cm.num_reqs, self.num_heads_kv, self.max_model_len,
+                                            cm.seq_lens.device)
+        return SepLLMMetadata(
+            num_actual_tokens=num_tokens,
+            slot_mapping=cm.slot_mapping,
+            decode_rows=None,
+            decode_block_table=cm.block_table_tensor,
+            decode_cache_lens=cm.seq_lens,
+            decode_max_len=cm.max_seq_len,
+            decode_slots=None,
+            decode_valid=None,
+            prefills=[],
+            query_start_loc=cm.query_start_loc,
+            num_splits=num_splits,
+            scheduler_metadata=scheduler_metadata,
         )
 
     def _build_triton_prefill(self, cm, state, rows: list[int], qsl: list[int],
@@ -296,6 +402,7 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
         self.head_size = head_size
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
         self.flash = _flash_attn()
         from vllm.config import get_current_vllm_config
 
@@ -305,7 +412,16 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
     def do_kv_cache_update(self, layer: AttentionLayer, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
-        """Write new keys/values [T, Hkv, D] into ``kv_cache`` at ``slot_mapping`` [T]."""
+        """Write new keys/values [T, Hkv, D] into ``kv_cache`` at ``slot_mapping`` [T]
+        (negative slots: CUDA-graph padding, skipped).
+
+        On CUDA vLLM's ``reshape_and_cache_flash`` writes into strided K/V views of our
+        [.., Hkv, 2D] layout with no host sync (graph-safe); the torch reference elsewhere."""
+        if self.flash is not None and kv_cache.is_cuda:
+            key_cache, value_cache = kv_cache.split(self.head_size, dim=-1)
+            self.flash.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping,
+                                         self.kv_cache_dtype, layer._k_scale, layer._v_scale)
+            return
         write_kv(kv_cache, key, value, slot_mapping)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
@@ -320,6 +436,8 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
         if attn_metadata is None:  # profiling run
             return output.fill_(0)
         md = attn_metadata
+        if md.decode_rows is None:
+            return self._uniform_decode(query, kv_cache, md, output)
         flat = kv_cache.view(-1, kv_cache.shape[2], kv_cache.shape[3])
         d = self.head_size
         for row in md.prefills:
@@ -348,10 +466,31 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
             output.index_copy_(0, md.decode_rows, out.to(output.dtype))
         return output
 
+    def _uniform_decode(self, query: torch.Tensor, kv_cache: torch.Tensor,
+                        md: SepLLMMetadata, output: torch.Tensor) -> torch.Tensor:
+        """Every row one query over its whole compacted cache, written straight into
+        ``output``: no host work, no allocation outside the kernels (CUDA-graph safe)."""
+        n = md.num_actual_tokens
+        q, out = query[:n], output[:n]
+        if self.decode_kernel == "flash":
+            key_cache, value_cache = kv_cache.split(self.head_size, dim=-1)
+            self.flash.varlen(
+                q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=md.query_start_loc,
+                max_seqlen_q=1, seqused_k=md.decode_cache_lens, max_seqlen_k=md.decode_max_len,
+                softmax_scale=self.scale, causal=True, block_table=md.decode_block_table,
+                scheduler_metadata=md.scheduler_metadata, num_splits=md.num_splits or 0,
+                fa_version=self.flash.version)
+        else:
+            from kernels.decode import sepllm_decode
+
+            sepllm_decode(q, kv_cache, md.decode_block_table, md.decode_cache_lens, self.scale,
+                          out=out, num_splits=md.num_splits, max_cache_len=md.decode_max_len)
+        return output
+
     def _flash_decode(self, q: torch.Tensor, kv_cache: torch.Tensor,
                       md: SepLLMMetadata) -> torch.Tensor:
         """Decode rows with vLLM's FlashAttention (paged): the compacted cache needs no mask."""
-        fn, version = self.flash
+        fn, version = self.flash.varlen, self.flash.version
         key_cache, value_cache = kv_cache.split(self.head_size, dim=-1)
         bd = q.shape[0]
         cu_q = torch.arange(bd + 1, dtype=torch.int32, device=q.device)
