@@ -63,6 +63,8 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["sepllm = vllm_sepllm:register"],
+        # /metrics: vLLM's Prometheus logger plus vllm:sepllm_* (vllm_sepllm/metrics.py)
+        "vllm.stat_logger_plugins": ["sepllm = vllm_sepllm.metrics:SepLLMPrometheusStatLogger"],
         "console_scripts": ["vllm-sepllm = vllm_sepllm.cli:main"],
     },
     ext_modules=ext_modules,

@@ -19,6 +19,7 @@ from vllm.v1.request import Request, RequestStatus
 from vllm_sepllm.config import SepLLMConfig, SepLLMConfigError, request_config
 from vllm_sepllm.instrument import TrackingAsyncScheduler, TrackingScheduler
 from vllm_sepllm.kv_manager import SepLLMManager
+from vllm_sepllm.metrics import SepLLMSchedulerStats, SepLLMStepStats, worker_stats_of
 from vllm_sepllm.policy import Retention
 
 logger = init_logger("vllm." + __name__)
@@ -43,12 +44,14 @@ class StepPlan:
 
 @dataclasses.dataclass
 class SepLLMStats:
-    """Engine-wide SepLLM counters, cumulative (not exported yet: the metrics export is the
-    serving issue's)."""
+    """Engine-wide SepLLM counters since start-up (exported as ``vllm:sepllm_*``, see
+    metrics.py)."""
 
-    tokens_evicted: int = 0
-    blocks_freed: int = 0
-    tokens_moved: int = 0
+    evicted_tokens: int = 0
+    freed_blocks: int = 0
+    compactions: int = 0
+    moved_tokens: int = 0
+    compaction_seconds: float = 0.0  # reported by the workers
     eviction_seconds: float = 0.0
 
 
@@ -74,6 +77,9 @@ class _SepLLMSchedulerMixin:
                 r.num_sinks + r.sep_cap + r.window + self.max_num_scheduled_tokens
             )
         self.sepllm_stats = SepLLMStats()
+        self._sepllm_reported = SepLLMStats()  # what make_stats has reported so far
+        # per request: [blocks freed by compaction, compactions], reported at finish
+        self._sepllm_request_counts: dict[str, list[int]] = {}
         self._sepllm_retention: dict[str, Retention] = {}
 
     # ------------------------------------------------------------------ per request
@@ -99,21 +105,23 @@ class _SepLLMSchedulerMixin:
         compactions: dict[str, tuple[list[int], list[int], int]] = {}
         mgr = self.sepllm_manager
         stats = self.sepllm_stats
-        freed_before = mgr.num_blocks_freed
+        counts = self._sepllm_request_counts
         for request in self.running:
             n = request.num_computed_tokens
             if n == 0:
                 continue
+            freed_before = mgr.num_blocks_freed
             comp = mgr.evict(request.request_id, n, request.all_token_ids,
                              self._retention_of(request), self.sepllm_sep_ids)
             if comp.num_evicted:
-                stats.tokens_evicted += comp.num_evicted
-                stats.tokens_moved += len(comp.moves)
+                freed = mgr.num_blocks_freed - freed_before
+                stats.evicted_tokens += comp.num_evicted
+                stats.freed_blocks += freed
+                counts.setdefault(request.request_id, [0, 0])[0] += freed
                 src = [s for s, _ in comp.moves]
                 dst = [d for _, d in comp.moves]
                 compactions[request.request_id] = (
                     src, dst, len(mgr.req_to_blocks[request.request_id]))
-        stats.blocks_freed += mgr.num_blocks_freed - freed_before
         stats.eviction_seconds += time.perf_counter() - t0
 
         output = super().schedule(*args, **kwargs)
@@ -129,8 +137,40 @@ class _SepLLMSchedulerMixin:
             if (req := self.requests.get(rid)) is not None
             and req.status == RequestStatus.RUNNING
         }
+        for rid, (src, _, _) in compactions.items():
+            stats.compactions += 1
+            stats.moved_tokens += len(src)
+            counts[rid][1] += 1
         setattr(output, PLAN_ATTR, StepPlan(rows=rows, compactions=compactions))
         return output
+
+    # ------------------------------------------------------------------ metrics
+    def update_from_output(self, scheduler_output, model_runner_output):
+        worker = worker_stats_of(model_runner_output)
+        if worker is not None:
+            self.sepllm_stats.compaction_seconds += worker.compaction_seconds
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def make_stats(self, *args, **kwargs):
+        """vLLM's scheduler stats plus the SepLLM figures (counter increments since the
+        previous report, gauges now); they reach ``/metrics`` through metrics.py."""
+        stats = super().make_stats(*args, **kwargs)
+        if stats is None:
+            return None
+        total, reported = self.sepllm_stats, self._sepllm_reported
+        step = SepLLMStepStats(**{f: getattr(total, f) - getattr(reported, f)
+                                  for f in SepLLMStepStats.COUNTERS})
+        self._sepllm_reported = dataclasses.replace(total)
+        mgr = self.sepllm_manager
+        for request in self.running:
+            n = request.num_computed_tokens
+            step.context_tokens += n
+            step.retained_tokens += n - mgr.num_dropped(request.request_id)
+        step.num_requests = len(mgr.caches)
+        pool = self.kv_cache_manager.block_pool
+        step.kv_blocks_free = pool.get_num_free_blocks()
+        step.kv_blocks_used = pool.num_gpu_blocks - 1 - step.kv_blocks_free
+        return SepLLMSchedulerStats.extend(stats, step)
 
     def _free_request(self, request: Request, *args, **kwargs):
         """Log the request's KV figures and return them to the client.
@@ -141,7 +181,10 @@ class _SepLLMSchedulerMixin:
         """
         stats = self.sepllm_manager.request_stats(request.request_id,
                                                    request.num_computed_tokens)
+        freed, compactions = self._sepllm_request_counts.pop(request.request_id, (0, 0))
         if stats is not None:
+            stats["kv_blocks_freed"] = freed
+            stats["compactions"] = compactions
             logger.info(
                 "sepllm: request %s finished: %d tokens, KV retained %d (%.1f%%), evicted %d, "
                 "peak %d blocks", request.request_id, stats["tokens"], stats["kv_retained"],

@@ -28,6 +28,7 @@ from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_sepllm.kv_manager import SepLLMSpec
+from vllm_sepllm.metrics import CompactionTimer, attach_worker_stats
 from vllm_sepllm.policy import FULL_WINDOW, Retention
 from vllm_sepllm.scheduler import PLAN_ATTR, StepPlan
 
@@ -63,6 +64,7 @@ class SepLLMWorkerState:
                                            pin_memory=device.type == "cuda")
         self.row_dropped = torch.zeros(max_num_reqs, dtype=torch.int32, device=device)
         self.row_retention: list[Retention] = []
+        self.compaction_timer = CompactionTimer(device)
 
     def allocate_slots(self, num_slots: int) -> None:
         self.slot_pos = torch.full((num_slots,), -1, dtype=torch.int32, device=self.device)
@@ -158,7 +160,10 @@ class SepLLMRunnerMixin:
         dst_t = to_device(torch.from_numpy(np.concatenate(dst_slots)), self.device)
         from vllm_sepllm.ops import compact_kv
 
+        timer = self.sepllm.compaction_timer  # vllm:sepllm_compaction_seconds (metrics.py)
+        timer.start()
         compact_kv(self.kv_caches, self.sepllm.slot_pos, self.sepllm.slot_sep, src_t, dst_t)
+        timer.stop()
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
@@ -211,6 +216,15 @@ def _make_worker(base):
             install()  # idempotent; the plugin entry point normally ran it already
             super().init_device()
             extend_runner(self.model_runner)
+
+        # The step's compaction time rides to the scheduler on the model output (metrics.py).
+        def execute_model(self, scheduler_output):
+            return attach_worker_stats(super().execute_model(scheduler_output),
+                                       self.model_runner.sepllm.compaction_timer)
+
+        def sample_tokens(self, grammar_output):
+            return attach_worker_stats(super().sample_tokens(grammar_output),
+                                       self.model_runner.sepllm.compaction_timer)
 
     SepLLMWorker.__name__ = SepLLMWorker.__qualname__ = f"SepLLM{base.__name__}"
     return SepLLMWorker

@@ -1,0 +1,114 @@
+"""/metrics on CPU with the real model: the ``vllm:sepllm_*`` metrics (metrics.py) agree with
+the per-request figures returned in ``kv_transfer_params["sepllm"]`` and with vLLM's own
+metrics; gauges show one request's bounded KV mid-stream and an empty pool after an abort."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from vllm_sepllm.testing.server import post_json, scrape, sepllm_server, wait_idle
+
+A, S, W = 4, 16, 64  # num_sinks, sep_cap, window
+CHUNK = 256  # max_num_batched_tokens: long prompts are prefilled in chunks
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    log = tmp_path_factory.mktemp("metrics") / "server.log"
+    with sepllm_server(model_path, {"num_sinks": A, "sep_cap": S, "window": W}, log,
+                       max_num_seqs=8, max_num_batched_tokens=CHUNK) as base:
+        yield base, model_path
+
+
+def _delta(after: dict, before: dict, name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def test_counters_match_request_stats(server, tokenizer):
+    base, model = server
+    from vllm_sepllm.testing.texts import real_text_prompts
+
+    prompts = [p for n in (150, 400, 700, 950) for p in real_text_prompts(tokenizer, 2, n,
+                                                                          seed=n)]
+    before = scrape(base)
+    assert before["vllm:sepllm_config_info"] == 1
+
+    def complete(prompt: str) -> dict:
+        status, body = post_json(base + "/v1/completions",
+                                 {"model": model, "prompt": prompt, "max_tokens": 24,
+                                  "temperature": 0, "ignore_eos": True})
+        assert status == 200, body
+        return body
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        bodies = list(pool.map(complete, prompts))
+    elapsed = time.monotonic() - t0
+    after = wait_idle(base)
+
+    stats = [b["kv_transfer_params"]["sepllm"] for b in bodies]
+    for s, b in zip(stats, bodies):
+        # KV was computed for every token but the last sampled one
+        assert s["tokens"] == b["usage"]["total_tokens"] - 1
+        assert s["kv_retained"] + s["kv_evicted"] == s["tokens"]
+        assert s["kv_retained"] <= A + S + W
+    # the SepLLM counters add up to the per-request figures
+    assert _delta(after, before, "vllm:sepllm_evicted_tokens_total") == sum(
+        s["kv_evicted"] for s in stats) > 0
+    assert _delta(after, before, "vllm:sepllm_freed_blocks_total") == sum(
+        s["kv_blocks_freed"] for s in stats) > 0
+    compactions = sum(s["compactions"] for s in stats)
+    assert _delta(after, before, "vllm:sepllm_compactions_total") == compactions > 0
+    moved = _delta(after, before, "vllm:sepllm_moved_tokens_total")
+    assert 0 < moved <= sum(s["kv_evicted"] for s in stats)  # a hole is filled at most once
+    for name in ("vllm:sepllm_compaction_seconds_total", "vllm:sepllm_eviction_seconds_total"):
+        assert 0 < _delta(after, before, name) < elapsed, name
+    # ... and ride the same stats stream as vLLM's own counters
+    assert _delta(after, before, "vllm:prompt_tokens_total") == sum(
+        b["usage"]["prompt_tokens"] for b in bodies)
+    # drained: nothing held
+    for name in ("vllm:sepllm_retained_tokens", "vllm:sepllm_context_tokens",
+                 "vllm:sepllm_kv_blocks_used", "vllm:sepllm_num_requests",
+                 "vllm:kv_cache_usage_perc"):
+        assert after[name] == 0, name
+    assert after["vllm:sepllm_kv_blocks_free"] > 0
+
+
+def test_gauges_mid_stream_and_after_abort(server, tokenizer):
+    base, model = server
+    from vllm_sepllm.testing.texts import real_text_prompts
+
+    prompt = real_text_prompts(tokenizer, 1, 1000, seed=7)[0]
+    num_prompt = len(tokenizer(prompt).input_ids)
+    body = {"model": model, "prompt": prompt, "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    resp = urllib.request.urlopen(req, timeout=300)
+    chunks = 0
+    for line in resp:
+        if line.startswith(b"data: {"):
+            chunks += 1
+            if chunks == 20:
+                break
+    mid = scrape(base)
+    resp.close()  # the client goes away: vLLM aborts the request
+    after = wait_idle(base)
+
+    assert mid["vllm:sepllm_num_requests"] == 1
+    assert mid["vllm:sepllm_context_tokens"] >= num_prompt + 19
+    # decoding: the cache holds at most a + s + w tokens (+1 scheduled ahead, async)
+    assert 0 < mid["vllm:sepllm_retained_tokens"] <= A + S + W + 1
+    used, free = mid["vllm:sepllm_kv_blocks_used"], mid["vllm:sepllm_kv_blocks_free"]
+    assert used >= 1
+    # our block gauges agree with vLLM's usage gauge
+    assert mid["vllm:kv_cache_usage_perc"] == pytest.approx(used / (used + free))
+    # the abort returned everything
+    assert after["vllm:sepllm_kv_blocks_used"] == 0
+    assert after["vllm:sepllm_num_requests"] == 0
+    assert after["vllm:sepllm_kv_blocks_free"] == used + free
