@@ -84,15 +84,28 @@ def load_texts() -> dict[str, str]:
 def real_prompt_ids(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int]]:
     """``n`` prompts of exactly ``length`` token ids, cut at random offsets from the real texts
     (public-domain prose and verse), so separators occur at natural rates."""
+    return real_prompts_and_continuations(tokenizer, n, length, 0, seed)[0]
+
+
+def real_prompts_and_continuations(tokenizer, n: int, length: int, cont_length: int,
+                                   seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """``n`` prompts of ``length`` token ids cut at random offsets from the real texts, and for
+    each the ``cont_length`` ids of text that follow it (the continuation replayed as the
+    output, see replay.py). With ``cont_length=0`` the prompts are those of
+    :func:`real_prompt_ids` (same offsets)."""
     ids: list[int] = []
     for text in load_texts().values():
         ids += tokenizer.encode(text, add_special_tokens=False)
+    if length + cont_length >= len(ids):
+        raise ValueError(f"prompt + continuation of {length + cont_length} tokens is longer "
+                         f"than the texts ({len(ids)} tokens)")
     rng = random.Random(seed)
-    out = []
+    prompts, conts = [], []
     for _ in range(n):
-        start = rng.randrange(0, len(ids) - length)
-        out.append(ids[start:start + length])
-    return out
+        start = rng.randrange(0, len(ids) - length - cont_length)
+        prompts.append(ids[start:start + length])
+        conts.append(ids[start + length:start + length + cont_length])
+    return prompts, conts
 
 
 def separator_rate(prompts: list[list[int]], sep_ids: set[int]) -> float:

