@@ -20,6 +20,10 @@ separators             ".,?!;:"   separator characters, plus space, tab and newl
                        + " \\t\\n"
 separator_token_ids    null       explicit separator token ids; overrides derivation from
                                   the tokenizer (see separators.py).
+pe_shift               false      positions relative to the cache (the paper's PE shift, see
+                                  rope_shift.py): a request can run past the model's
+                                  max_position_embeddings. Needs a bounded cache (mode sepllm
+                                  with a sep_cap, or streamingllm). Engine-wide.
 =====================  =========  =============================================================
 """
 
@@ -50,6 +54,7 @@ class SepLLMConfig:
     window: int = 256
     separators: str = DEFAULT_SEPARATORS
     separator_token_ids: tuple[int, ...] | None = None
+    pe_shift: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -71,12 +76,29 @@ class SepLLMConfig:
                     f"got {ids!r}"
                 )
             object.__setattr__(self, "separator_token_ids", tuple(ids))
+        if not isinstance(self.pe_shift, bool):
+            raise SepLLMConfigError(f"sepllm.pe_shift must be true or false, got {self.pe_shift!r}")
+        if self.pe_shift and self.max_cache_tokens is None:
+            what = "mode full keeps every token" if self.mode == "full" else "sep_cap null keeps every separator"
+            raise SepLLMConfigError(
+                f"sepllm.pe_shift=true needs a bounded cache ({what}); got mode={self.mode!r}, "
+                f"sep_cap={self.sep_cap!r}")
 
     # ------------------------------------------------------------------ derived
     @property
     def evicts(self) -> bool:
         """Whether this config evicts anything (``full`` mode keeps every token)."""
         return self.mode != "full"
+
+    @property
+    def max_cache_tokens(self) -> int | None:
+        """``a + s + w``: the most tokens a request keeps between steps (``s = 0`` in
+        streamingllm mode); None when unbounded (mode full, or no separator cap)."""
+        if self.mode == "full":
+            return None
+        if self.mode == "streamingllm":
+            return self.num_sinks + self.window
+        return None if self.sep_cap is None else self.num_sinks + self.sep_cap + self.window
 
     @property
     def retention(self) -> "Retention":

@@ -63,7 +63,9 @@ Scheduler methods overridden in our subclass (``scheduler._SepLLMSchedulerMixin`
 ``sepllm_worker_stats``; it travels pickled with ``ModelRunnerOutput``).
 
 Runner methods overridden in a subclass (``worker.SepLLMRunnerMixin``): ``_update_states``,
-``_prepare_inputs``, ``get_kv_cache_spec``, ``initialize_kv_cache``. These are private V1
+``_prepare_inputs``, ``_preprocess`` (PE shift only: writes the RoPE positions into vLLM's
+positions buffer after the attention metadata was built from the logical ones),
+``get_kv_cache_spec``, ``initialize_kv_cache``. These are private V1
 runner methods: pinned to vLLM 0.26.0.
 """
 
@@ -202,6 +204,11 @@ def validate_request(vllm_config, extra_args) -> SepLLMConfig:
     max_len = vllm_config.model_config.max_model_len
     if cfg.evicts and cfg.window > max_len:
         raise ValueError(f"extra_args.sepllm.window={cfg.window} is above max_model_len={max_len}")
+    if cfg.pe_shift:
+        try:
+            _check_pe_shift_bound(vllm_config, cfg, "extra_args.sepllm")
+        except SepLLMConfigError as e:
+            raise ValueError(str(e)) from None
     return cfg
 
 
@@ -233,6 +240,36 @@ def _check_model(vllm_config, cfg: SepLLMConfig) -> None:
               f"(pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size})")
     if cfg.evicts and cfg.window > mc.max_model_len:
         _fail(f"sepllm.window={cfg.window} is above max_model_len={mc.max_model_len}")
+    max_pos = _max_positions(vllm_config)
+    if cfg.pe_shift:
+        rope = getattr(mc.hf_text_config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(
+            rope, dict) else "default"
+        if rope_type not in ("default", "llama3"):
+            _fail(f"sepllm.pe_shift=true supports default and llama3 RoPE; the model uses "
+                  f"rope_type={rope_type!r}")
+        _check_pe_shift_bound(vllm_config, cfg, "sepllm")
+    elif cfg.evicts and max_pos is not None and mc.max_model_len > max_pos:
+        logger.warning("sepllm: max_model_len=%d is above max_position_embeddings=%d without "
+                       "sepllm.pe_shift: positions past %d are outside the trained range",
+                       mc.max_model_len, max_pos, max_pos)
+
+
+def _max_positions(vllm_config) -> int | None:
+    """The model's ``max_position_embeddings`` (its RoPE table size), if it has one."""
+    value = getattr(vllm_config.model_config.hf_text_config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def _check_pe_shift_bound(vllm_config, cfg: SepLLMConfig, where: str) -> None:
+    """Under PE shift, RoPE positions stay below a + s + w + one prefill chunk: that must fit
+    the model's position table (vLLM's RoPE cache has max_position_embeddings rows)."""
+    max_pos = _max_positions(vllm_config)
+    chunk = vllm_config.scheduler_config.max_num_batched_tokens
+    need = cfg.max_cache_tokens + chunk
+    if max_pos is not None and need > max_pos:
+        _fail(f"{where}.pe_shift=true: a + s + w + max_num_batched_tokens = {need} is above "
+              f"max_position_embeddings={max_pos}; use a smaller cache or chunk")
 
 
 def _separator_ids(vllm_config, cfg: SepLLMConfig) -> tuple[int, ...]:

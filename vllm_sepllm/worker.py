@@ -65,10 +65,25 @@ class SepLLMWorkerState:
         self.row_dropped = torch.zeros(max_num_reqs, dtype=torch.int32, device=device)
         self.row_retention: list[Retention] = []
         self.compaction_timer = CompactionTimer(device)
+        # PE shift (rope_shift.py): RoPE position of the key in each slot, requests whose
+        # keys need re-rotation, this step's RoPE positions of the new tokens.
+        self.pe_shift = False
+        self.rope = None
+        self.slot_rope = torch.empty(0, dtype=torch.int32, device=device)
+        self.rerotate: set[str] = set()
+        self.rope_positions: torch.Tensor | None = None
+        self.rerotated_keys = 0
+        # 16-bit caches: the keys as first written and their RoPE position (rope_shift.py,
+        # KEEP_ORIGIN_DTYPES), and the slots written by the last step, still to be saved.
+        self.key_origin: list[torch.Tensor] | None = None
+        self.slot_rope0 = torch.empty(0, dtype=torch.int32, device=device)
+        self.origin_pending: torch.Tensor | None = None
 
     def allocate_slots(self, num_slots: int) -> None:
         self.slot_pos = torch.full((num_slots,), -1, dtype=torch.int32, device=self.device)
         self.slot_sep = torch.zeros(num_slots, dtype=torch.bool, device=self.device)
+        if self.pe_shift:
+            self.slot_rope = torch.zeros(num_slots, dtype=torch.int32, device=self.device)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -99,6 +114,7 @@ class SepLLMRunnerMixin:
             self.max_num_reqs,
             self.device,
         )
+        self.sepllm.pe_shift = cfg.pe_shift
         SepLLMWorkerState.current = self.sepllm
 
     # ------------------------------------------------------------------ KV spec
@@ -120,6 +136,31 @@ class SepLLMRunnerMixin:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
         block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         self.sepllm.allocate_slots(kv_cache_config.num_blocks * block_size)
+        if self.sepllm.pe_shift:
+            from vllm_sepllm.rope_shift import rope_params_from_model
+
+            self.sepllm.rope = rope_params_from_model(self.get_model())
+            self._sepllm_alloc_key_origin()
+
+    def _sepllm_alloc_key_origin(self) -> None:
+        from vllm_sepllm.rope_shift import KEEP_ORIGIN_DTYPES
+
+        state = self.sepllm
+        caches = self.kv_caches
+        if not caches or caches[0].dtype not in KEEP_ORIGIN_DTYPES:
+            return
+        d = state.rope.head_size
+        try:
+            state.key_origin = [torch.empty(kv.shape[0] * kv.shape[1], kv.shape[2], d,
+                                            dtype=kv.dtype, device=kv.device) for kv in caches]
+        except torch.OutOfMemoryError:
+            from vllm_sepllm.config import SepLLMConfigError
+
+            raise SepLLMConfigError(
+                "sepllm.pe_shift=true with a 16-bit KV cache keeps a copy of the original keys "
+                "(+50% of the KV pool), which does not fit; set kv_cache_memory_bytes or a "
+                "lower gpu_memory_utilization") from None
+        state.slot_rope0 = torch.zeros_like(state.slot_rope)
 
     # ------------------------------------------------------------------ step hooks
     def _update_states(self, scheduler_output):
@@ -128,9 +169,14 @@ class SepLLMRunnerMixin:
         for req_id in scheduler_output.finished_req_ids:
             state.dropped.pop(req_id, None)
             state.retention.pop(req_id, None)
+            state.rerotate.discard(req_id)
+        if state.origin_pending is not None:  # last step's keys, before anything moves them
+            self._sepllm_save_origin()
         if plan is not None:
             if plan.compactions:
                 self._sepllm_compact(plan)
+                if state.pe_shift:
+                    state.rerotate.update(plan.compactions)
             for req_id, row in plan.rows.items():
                 state.dropped[req_id] = row[0]
                 state.retention[req_id] = _retention(row)
@@ -164,6 +210,13 @@ class SepLLMRunnerMixin:
         timer.start()
         compact_kv(self.kv_caches, self.sepllm.slot_pos, self.sepllm.slot_sep, src_t, dst_t)
         timer.stop()
+        if self.sepllm.pe_shift:  # the RoPE record moves with its key
+            from vllm_sepllm.reference import move_slots
+
+            state = self.sepllm
+            move_slots([state.slot_rope, *((state.slot_rope0, *state.key_origin)
+                                           if state.key_origin is not None else ())],
+                       src_t, dst_t)
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
@@ -192,7 +245,67 @@ class SepLLMRunnerMixin:
         slots = self.input_batch.block_table[0].slot_mapping.gpu[:total]
         state.slot_pos[slots] = positions.to(torch.int32)
         state.slot_sep[slots] = state.sep_table[self.input_ids.gpu[:total]]
+        if state.pe_shift:
+            # A new token's RoPE position is its cache index (= its rank, see rope_shift.py);
+            # it replaces the logical position once the attention metadata is built.
+            state.slot_rope[slots] = cache_pos.to(torch.int32)
+            state.rope_positions = cache_pos
+            if state.key_origin is not None:
+                state.slot_rope0[slots] = cache_pos.to(torch.int32)
+                state.origin_pending = slots.clone()
+            if state.rerotate:
+                self._sepllm_rerotate(req_ids[:num_reqs], dropped.numpy()[:num_reqs])
         return out
+
+    def _sepllm_rerotate(self, req_ids: list[str], dropped) -> None:
+        """PE shift: give every retained key of the requests compacted since their last step
+        its new rank as RoPE position (re-rotate by new rank - old rank; see rope_shift.py).
+        Runs before this step's attention; touches cache indices below the new tokens only."""
+        from vllm_sepllm.reference import cache_slots
+        from vllm_sepllm.rope_shift import ranks_by_position, shift_keys
+
+        state = self.sepllm
+        table = self.input_batch.block_table[0].get_device_tensor(len(req_ids))
+        computed = self.input_batch.num_computed_tokens_cpu
+        all_slots, all_delta = [], []
+        for row, req_id in enumerate(req_ids):
+            if req_id not in state.rerotate:
+                continue
+            state.rerotate.discard(req_id)
+            length = int(computed[row]) - int(dropped[row])  # cached before this step
+            if length <= 0:
+                continue
+            slots = cache_slots(table[row], length, self.cache_config.block_size)
+            ranks = ranks_by_position(state.slot_pos[slots])
+            all_slots.append(slots)
+            base = state.slot_rope if state.key_origin is None else state.slot_rope0
+            all_delta.append(ranks - base[slots])
+            state.slot_rope[slots] = ranks.to(torch.int32)
+        if all_slots:
+            slots, delta = torch.cat(all_slots), torch.cat(all_delta)
+            shift_keys(self.kv_caches, slots, delta, state.rope, state.key_origin)
+            state.rerotated_keys += slots.numel()
+
+    def _sepllm_save_origin(self) -> None:
+        """Copy the keys the last step wrote (at RoPE position ``slot_rope0``) to
+        ``key_origin``; runs before compaction or new writes can touch those slots."""
+        state = self.sepllm
+        slots, state.origin_pending = state.origin_pending, None
+        d = state.rope.head_size
+        for kv, origin in zip(self.kv_caches, state.key_origin):
+            origin[slots] = kv.view(-1, kv.shape[2], kv.shape[3])[slots, :, :d]
+
+    def _preprocess(self, scheduler_output, *args, **kwargs):
+        # PE shift: the model gets RoPE positions relative to the cache. They go into vLLM's
+        # own positions buffer (the one CUDA graphs captured) only now, after the attention
+        # metadata (whose prefill masks need logical positions) was built from it.
+        state = self.sepllm
+        if state.pe_shift and state.rope_positions is not None:
+            n = state.rope_positions.shape[0]
+            self.positions[:n] = state.rope_positions
+            state.rope_positions = None
+        return super()._preprocess(scheduler_output, *args, **kwargs)
+
 
 
 def extend_runner(runner) -> None:
