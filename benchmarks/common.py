@@ -124,11 +124,14 @@ def environment() -> dict:
     except ImportError:
         pass
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                        capture_output=True, text=True).stdout.strip()
-    except OSError:
-        info["commit"] = os.environ.get("SEPLLM_COMMIT", "unknown")
+    # SEPLLM_COMMIT first: the GPU machine's copy of the tree may carry a stale .git.
+    info["commit"] = os.environ.get("SEPLLM_COMMIT")
+    if not info["commit"]:
+        try:
+            info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                            capture_output=True, text=True).stdout.strip()
+        except OSError:
+            info["commit"] = None
     if not info.get("commit"):
         info["commit"] = os.environ.get("SEPLLM_COMMIT", "unknown")
     return info
