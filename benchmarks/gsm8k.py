@@ -248,7 +248,7 @@ def main() -> None:
     for i, spec in enumerate(args.runs):
         cmd = [sys.executable, __file__, "--run", spec]
         for k, v in vars(args).items():
-            if k in ("run", "runs", "out") or v in (None, False) or (v == 0 and k != "start"):
+            if k in ("run", "runs", "out") or v is None or v is False:
                 continue
             cmd += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}",
                                                                    str(v)]

@@ -21,11 +21,12 @@ once per process (memory-mapped). Token ``i`` of a request's output is forced to
 ``continuation[i]``; past the end of its continuation a request samples freely. Requests
 without ``extra_args["replay"]`` are untouched.
 
-How: ``update_state`` keeps, per batch row, the continuation and a reference to the request's
-output-token list (vLLM's persistent batch passes the live list; its length is the index of
-the token being sampled, also after preemption and with async scheduling, where not yet known
-ids are ``-1`` placeholders). Each step it builds the target of every row (numpy, one pass over
-the rows) and ships ``(rows, targets)`` to the device; ``apply`` then sets each forced row to
+How: ``update_state`` keeps, per batch row, the continuation (a row of a numpy buffer) and a
+reference to the request's output-token list (vLLM's persistent batch passes the live list; its
+length is the index of the token being sampled, also after preemption and with async
+scheduling, where not yet known ids are ``-1`` placeholders). Each step it gathers every row's
+target with numpy (``buf[rows, len(out)]``; per-row Python only on batch changes) and ships
+``(rows, targets)`` to the device; ``apply`` then sets each forced row to
 ``-inf`` except its target (``0.0``): two indexed kernels over the batch, no per-row Python.
 Not argmax-invariant (it changes greedy results), so vLLM applies it in greedy mode too.
 Forcing the custom processor makes vLLM 0.26 pick its V1 model runner (V2 does not support
@@ -95,9 +96,10 @@ def continuation_of(extra_args: dict[str, Any] | None) -> np.ndarray | None:
 class ReplayLogitsProcessor(LogitsProcessor):
     """Forces each request's output tokens to its continuation (see the module docstring).
 
-    State per persistent-batch row ``i``: ``conts[i]`` (int64 array ``[L_i]`` or None) and
-    ``outs[i]`` (the request's live output-token list). Per step: ``rows`` (int64 ``[R]``,
-    forced rows) and ``targets`` (int64 ``[R]``) on the logits' device.
+    State per persistent-batch row ``i``: ``buf[i, :clen[i]]`` (its continuation; ``clen[i]``
+    is 0 for a row that is not forced) and ``outs[i]`` (the request's live output-token list).
+    Per step: ``rows`` (int64 ``[R]``, forced rows) and ``targets`` (int64 ``[R]``) on the
+    logits' device.
     """
 
     @classmethod
@@ -108,8 +110,9 @@ class ReplayLogitsProcessor(LogitsProcessor):
         n = vllm_config.scheduler_config.max_num_seqs
         self.device = torch.device(device)
         self.pin = bool(is_pin_memory) and self.device.type != "cpu"
-        self.conts: list[np.ndarray | None] = [None] * n
-        self.outs: list[list[int] | None] = [None] * n
+        self.buf = np.zeros((n, 64), dtype=np.int64)  # widened on demand
+        self.clen = np.zeros(n, dtype=np.int64)
+        self.outs: list = [_NO_OUTPUT] * n
         self.vocab_size = vllm_config.model_config.get_vocab_size()
         self.batch_size = 0
         self.num_forced = 0  # rows with a continuation
@@ -120,44 +123,60 @@ class ReplayLogitsProcessor(LogitsProcessor):
         return False
 
     # ------------------------------------------------------------------ bookkeeping
-    def _set(self, i: int, cont: np.ndarray | None, out: list[int] | None) -> None:
-        self.num_forced += (cont is not None) - (self.conts[i] is not None)
-        self.conts[i], self.outs[i] = cont, out
+    def _clear(self, i: int) -> None:
+        self.num_forced -= bool(self.clen[i])
+        self.clen[i] = 0
+        self.outs[i] = _NO_OUTPUT
+
+    def _add(self, i: int, cont: np.ndarray, out: list[int]) -> None:
+        self._clear(i)
+        if len(cont) > self.buf.shape[1]:
+            wider = np.zeros((self.buf.shape[0], max(len(cont), 2 * self.buf.shape[1])),
+                             dtype=np.int64)
+            wider[:, :self.buf.shape[1]] = self.buf
+            self.buf = wider
+        self.buf[i, :len(cont)] = cont
+        self.clen[i] = len(cont)
+        self.outs[i] = out
+        self.num_forced += bool(len(cont))
+
+    def _move(self, a: int, b: int) -> None:
+        """Row a's request moves to row b (b's request is gone); row a becomes empty."""
+        self._clear(b)
+        self.buf[b] = self.buf[a]
+        self.clen[b], self.outs[b] = self.clen[a], self.outs[a]
+        self.clen[a], self.outs[a] = 0, _NO_OUTPUT
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is not None:
             # vLLM's order: removed, added, moved.
             for i in batch_update.removed:
-                self._set(i, None, None)
+                self._clear(i)
             for i, params, _prompt, out in batch_update.added:
                 cont = continuation_of(params.extra_args) if params is not None else None
-                if cont is not None and len(cont) and int(cont.max()) >= self.vocab_size:
+                if cont is None:
+                    self._clear(i)
+                    continue
+                if len(cont) and int(cont.max()) >= self.vocab_size:
                     raise ValueError(f"extra_args.replay: token id {int(cont.max())} is outside "
                                      f"the vocabulary (size {self.vocab_size})")
-                self._set(i, cont, out if cont is not None else None)
+                self._add(i, cont, out)
             for a, b, direction in batch_update.moved:
-                ca, oa = self.conts[a], self.outs[a]
                 if direction == MoveDirectionality.SWAP:
-                    cb, ob = self.conts[b], self.outs[b]
-                    self.conts[a], self.outs[a] = cb, ob
-                    self.conts[b], self.outs[b] = ca, oa
-                else:  # a -> b; b's request is gone (removed or overwritten), a is empty
-                    self._set(b, ca, oa)
-                    self._set(a, None, None)
+                    self.buf[[a, b]] = self.buf[[b, a]]
+                    self.clen[[a, b]] = self.clen[[b, a]]
+                    self.outs[a], self.outs[b] = self.outs[b], self.outs[a]
+                else:
+                    self._move(a, b)
             self.batch_size = batch_update.batch_size
         if not self.num_forced:
             self.rows = self.rows[:0]
             return
-        rows: list[int] = []
-        targets: list[int] = []
-        for i in range(self.batch_size):
-            cont = self.conts[i]
-            if cont is not None:
-                k = len(self.outs[i])  # index of the token sampled this step
-                if k < len(cont):
-                    rows.append(i)
-                    targets.append(cont[k])
-        both = torch.tensor([rows, targets], dtype=torch.int64)
+        n = self.batch_size
+        # Index of the token sampled this step = tokens generated so far.
+        done = np.fromiter(map(len, self.outs[:n]), dtype=np.int64, count=n)
+        rows = np.flatnonzero(done < self.clen[:n])
+        both = torch.from_numpy(np.stack([rows, self.buf[rows, done[rows]]]))
         if self.pin:
             both = both.pin_memory()
         both = both.to(self.device, non_blocking=True)
@@ -171,3 +190,7 @@ class ReplayLogitsProcessor(LogitsProcessor):
             logits.index_put_((self.rows, self.targets),
                               torch.zeros((), dtype=logits.dtype, device=logits.device))
         return logits
+
+
+#: ``outs`` entry of a row without a continuation (its length is never compared: clen is 0).
+_NO_OUTPUT: tuple = ()

@@ -320,7 +320,7 @@ def report_table(records: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{r['run']:28} ERROR {r['error']}")
             continue
-        speed = r["out_tok_per_s"] / base["out_tok_per_s"] if base else float("nan")
+        speed = f"{r['out_tok_per_s'] / base['out_tok_per_s']:.2f}x" if base else "-"
         roof = r.get("roofline") or {}
         name = f"{r['backend']} {r['config']}"
         roof_s = (f"{roof['out_tok_per_s']:>10.0f} {roof['pct_reached']:>7.1f}%" if roof
@@ -328,7 +328,7 @@ def report_table(records: list[dict]) -> str:
         seps = r.get("output_separator_rate")
         lines.append(
             f"{name:28} {r['out_tok_per_s']:>10.0f} {r['total_tok_per_s']:>12.0f} "
-            f"{speed:>8.2f}x {r['peak_kv_blocks']:>11} {r['blocks_per_request']:>10.1f} "
+            f"{speed:>9} {r['peak_kv_blocks']:>11} {r['blocks_per_request']:>10.1f} "
             f"{r['max_concurrency']:>9} {r['retained_ratio']:>9.3f} "
             f"{'-' if seps is None else f'{seps:.3f}':>8} {roof_s}")
     r0 = next((r for r in records if "error" not in r), None)

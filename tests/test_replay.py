@@ -71,8 +71,15 @@ def test_targets_follow_rows_through_adds_moves_swaps_and_removals():
     # c (row 1) finishes; condense moves d one way from row 2 down to row 1
     proc.update_state(BatchUpdate(2, removed=[1], added=[],
                                   moved=[(2, 1, MoveDirectionality.UNIDIRECTIONAL)]))
-    assert proc.num_forced == 2 and proc.conts[2] is None and proc.outs[2] is None
+    assert proc.num_forced == 2 and proc.clen[2] == 0 and proc.outs[2] == ()
     assert _sample(proc, 2) == [3, 30]
+    # a continuation longer than the buffer widens it; the other rows keep theirs
+    long = [(7 * j) % VOCAB for j in range(150)]
+    out_e = [0] * 120  # resumed after preemption: 120 tokens already generated
+    proc.update_state(BatchUpdate(3, removed=[], moved=[], added=[(2, _params(long), None,
+                                                                     out_e)]))
+    assert proc.buf.shape[1] >= 150
+    assert _sample(proc, 3) == [3, 30, long[120]]
 
 
 def test_past_the_continuation_the_row_samples_freely_and_ids_are_checked():
