@@ -82,8 +82,9 @@ def post_json(url: str, body: dict, timeout: float = 300.0) -> tuple[int, dict]:
 
 
 def scrape(base: str) -> dict[str, float]:
-    """``/metrics`` as ``{sample name: value}`` for the ``vllm:`` samples (one engine, so one
-    series per name; label sets of info metrics and histograms' ``le`` buckets are summed)."""
+    """The ``vllm:`` samples of ``/metrics`` (one engine): ``values[name]`` sums a sample over
+    its label sets; ``values['name{label="v"}']`` is one set, for labels other than
+    ``model_name``/``engine`` (e.g. ``vllm:request_success_total{finished_reason="abort"}``)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
@@ -91,8 +92,14 @@ def scrape(base: str) -> dict[str, float]:
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith("vllm:"):
-                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+            if not sample.name.startswith("vllm:"):
+                continue
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+            extra = {k: v for k, v in sample.labels.items() if k not in ("model_name", "engine")}
+            if extra:
+                key = sample.name + "{" + ",".join(f'{k}="{v}"' for k, v in
+                                                   sorted(extra.items())) + "}"
+                values[key] = values.get(key, 0.0) + sample.value
     return values
 
 
