@@ -26,6 +26,7 @@ echo "completion: $(head -c 400 "$out/completion.json")"
 echo "chat: $(head -c 400 "$out/chat.json")"
 grep -m3 "sepllm" "$out/serve.log"
 
+[ "${SKIP_BENCH:-0}" = 1 ] && exit 0
 python3 -m vllm.entrypoints.cli.main bench throughput --model "$model" --load-format dummy --attention-backend SEPLLM \
   --input-len 1024 --output-len 128 --num-prompts 128 --max-model-len 2048 \
   --output-json "$out/bench_throughput_sepllm.json" > "$out/bench.log" 2>&1

@@ -205,6 +205,12 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SepLLMMetadata:
+        from vllm_sepllm import profiling
+
+        with profiling.section("build"):
+            return self._build(common_attn_metadata)
+
+    def _build(self, common_attn_metadata: CommonAttentionMetadata) -> SepLLMMetadata:
         from vllm_sepllm.reference import cache_slots, sepllm_mask
         from vllm_sepllm.worker import SepLLMWorkerState, to_device
 

@@ -16,6 +16,7 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_sepllm import profiling
 from vllm_sepllm.config import SepLLMConfig, SepLLMConfigError, request_config
 from vllm_sepllm.instrument import TrackingAsyncScheduler, TrackingScheduler
 from vllm_sepllm.kv_manager import SepLLMManager
@@ -101,6 +102,16 @@ class _SepLLMSchedulerMixin:
 
     # ------------------------------------------------------------------ the step
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
+        with profiling.section("schedule"):
+            return self._sepllm_schedule(*args, **kwargs)
+
+    def update_from_output(self, *args, **kwargs):
+        with profiling.section("update_from_output"):
+            out = super().update_from_output(*args, **kwargs)
+        profiling.step_done()
+        return out
+
+    def _sepllm_schedule(self, *args, **kwargs) -> SchedulerOutput:
         t0 = time.perf_counter()
         compactions: dict[str, tuple[list[int], list[int], int]] = {}
         mgr = self.sepllm_manager
@@ -123,6 +134,8 @@ class _SepLLMSchedulerMixin:
                 compactions[request.request_id] = (
                     src, dst, len(mgr.req_to_blocks[request.request_id]))
         stats.eviction_seconds += time.perf_counter() - t0
+        if profiling.ENABLED:
+            profiling._totals["evict"] += time.perf_counter() - t0
 
         output = super().schedule(*args, **kwargs)
 

@@ -27,6 +27,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from vllm_sepllm import profiling
 from vllm_sepllm.kv_manager import SepLLMSpec
 from vllm_sepllm.metrics import CompactionTimer, attach_worker_stats
 from vllm_sepllm.policy import FULL_WINDOW, Retention
@@ -163,7 +164,15 @@ class SepLLMRunnerMixin:
         state.slot_rope0 = torch.zeros_like(state.slot_rope)
 
     # ------------------------------------------------------------------ step hooks
+    def execute_model(self, *args, **kwargs):
+        with profiling.section("execute"):
+            return super().execute_model(*args, **kwargs)
+
     def _update_states(self, scheduler_output):
+        with profiling.section("update_states"):
+            return self._sepllm_update_states(scheduler_output)
+
+    def _sepllm_update_states(self, scheduler_output):
         plan: StepPlan | None = getattr(scheduler_output, PLAN_ATTR, None)
         state = self.sepllm
         for req_id in scheduler_output.finished_req_ids:
@@ -184,32 +193,44 @@ class SepLLMRunnerMixin:
 
     def _sepllm_compact(self, plan: StepPlan) -> None:
         """Move the KV of compacted requests and truncate their block lists."""
+        # Steady-state decode compacts every request by one or two slots per step, so this
+        # loop runs hundreds of times per step: plain Python ints for short move lists
+        # (numpy's per-call overhead would dominate), numpy for long ones.
         block_size = self.cache_config.block_size
-        src_slots, dst_slots = [], []
+        src_slots: list[int] = []
+        dst_slots: list[int] = []
+        src_arrays, dst_arrays = [], []
+        table = self.input_batch.block_table[0]
         for req_id, (src, dst, num_blocks) in plan.compactions.items():
             req_state = self.requests.get(req_id)
             if req_state is None:
                 continue
-            blocks = np.asarray(req_state.block_ids[0], dtype=np.int64)
-            if src:
+            blocks = req_state.block_ids[0]
+            if len(src) <= 8:
+                src_slots += [blocks[i // block_size] * block_size + i % block_size for i in src]
+                dst_slots += [blocks[i // block_size] * block_size + i % block_size for i in dst]
+            elif src:
+                b = np.asarray(blocks, dtype=np.int64)
                 s, d = np.asarray(src), np.asarray(dst)
-                src_slots.append(blocks[s // block_size] * block_size + s % block_size)
-                dst_slots.append(blocks[d // block_size] * block_size + d % block_size)
-            del req_state.block_ids[0][num_blocks:]
-            row = self.input_batch.req_id_to_index.get(req_id)
-            if row is not None:
-                table = self.input_batch.block_table[0]
-                table.num_blocks_per_row[row] = min(table.num_blocks_per_row[row], num_blocks)
-        if not src_slots:
+                src_arrays.append(b[s // block_size] * block_size + s % block_size)
+                dst_arrays.append(b[d // block_size] * block_size + d % block_size)
+            if num_blocks < len(blocks):
+                del blocks[num_blocks:]
+                row = self.input_batch.req_id_to_index.get(req_id)
+                if row is not None:
+                    table.num_blocks_per_row[row] = min(table.num_blocks_per_row[row],
+                                                        num_blocks)
+        if not src_slots and not src_arrays:
             return
-        src_t = to_device(torch.from_numpy(np.concatenate(src_slots)), self.device)
-        dst_t = to_device(torch.from_numpy(np.concatenate(dst_slots)), self.device)
+        src_all = np.concatenate([np.asarray(src_slots, dtype=np.int64), *src_arrays])
+        dst_all = np.concatenate([np.asarray(dst_slots, dtype=np.int64), *dst_arrays])
+        src_t = to_device(torch.from_numpy(src_all), self.device)
+        dst_t = to_device(torch.from_numpy(dst_all), self.device)
         from vllm_sepllm.ops import compact_kv
 
         timer = self.sepllm.compaction_timer  # vllm:sepllm_compaction_seconds (metrics.py)
         timer.start()
         compact_kv(self.kv_caches, self.sepllm.slot_pos, self.sepllm.slot_sep, src_t, dst_t)
-        timer.stop()
         if self.sepllm.pe_shift:  # the RoPE record moves with its key
             from vllm_sepllm.reference import move_slots
 
@@ -217,8 +238,13 @@ class SepLLMRunnerMixin:
             move_slots([state.slot_rope, *((state.slot_rope0, *state.key_origin)
                                            if state.key_origin is not None else ())],
                        src_t, dst_t)
+        timer.stop()
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        with profiling.section("prepare_inputs"):
+            return self._sepllm_prepare_inputs(scheduler_output, num_scheduled_tokens)
+
+    def _sepllm_prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         state = self.sepllm
         num_reqs = self.input_batch.num_reqs
@@ -305,7 +331,6 @@ class SepLLMRunnerMixin:
             self.positions[:n] = state.rope_positions
             state.rope_positions = None
         return super()._preprocess(scheduler_output, *args, **kwargs)
-
 
 
 def extend_runner(runner) -> None:

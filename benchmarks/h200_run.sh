@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One device call on the lent H200(s): set up (bundle + CUDA extension), then the named steps.
+#   bash benchmarks/h200_run.sh STEP...      (logs and JSON under $OUT; see benchmarks/README.md)
+# Steps: ktests (GPU kernel tests), kbench (kernel benchmarks), w0|w1|w2 (throughput pairs,
+# FLASH_ATTN vs SEPLLM), w0x2|w1x2|w2x2 (the pair's two engines at once, one per GPU, on the
+# 2-GPU machine), cli (serve + chat + bench through vLLM's CLI), tp2 (tensor parallel 2).
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+git_commit=$(cat .commit 2>/dev/null || echo unknown)
+source .gpu/boot.sh
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+t0=$(date +%s)
+(MAX_JOBS=16 python3 setup.py -q build_ext --inplace) > "$OUT/build.log" 2>&1 || tail -20 "$OUT/build.log"
+export VLLM_SEPLLM_SKIP_CUDA_BUILD=1 SEPLLM_COMMIT=$git_commit
+source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
+cp vllm_sepllm/_C*.so /tmp/site/vllm_sepllm/ 2>/dev/null
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus.csv"
+echo "setup done in $(( $(date +%s) - t0 )) s"
+export NCCL_NVLS_ENABLE=0 NCCL_CUMEM_ENABLE=0
+
+pair() {  # pair WORKLOAD SECONDS [RUNS...]: both runs one after the other on GPU 0
+  local w=$1 limit=$2; shift 2
+  CUDA_VISIBLE_DEVICES=0 timeout "$limit" python3 benchmarks/throughput.py --workload "$w" --runs "$@" --no-progress \
+    --out "$OUT/h200_${w,,}.json" > "$OUT/${w,,}.log" 2>&1; echo "$w rc=$?"
+  grep -v "Capturing CUDA graphs\|it/s\]" "$OUT/${w,,}.log" | tail -300 > "$OUT/${w,,}.log.tmp"; mv "$OUT/${w,,}.log.tmp" "$OUT/${w,,}.log"
+  grep -h "sepllm profile" "$OUT/${w,,}.log" | tail -20; tail -25 "$OUT/${w,,}.log"
+}
+pair_x2() {  # pair_x2 WORKLOAD SECONDS RUN_GPU0 RUNS_GPU1...: the two GPUs at once
+  local w=$1 limit=$2 first=$3; shift 3
+  CUDA_VISIBLE_DEVICES=0 timeout "$limit" python3 benchmarks/throughput.py --workload "$w" \
+    --runs "$first" --no-progress --out "$OUT/h200_${w,,}_gpu0.json" > "$OUT/${w,,}_gpu0.log" 2>&1 &
+  local p0=$!
+  CUDA_VISIBLE_DEVICES=1 timeout "$limit" python3 benchmarks/throughput.py --workload "$w" \
+    --runs "$@" --no-progress --out "$OUT/h200_${w,,}_gpu1.json" > "$OUT/${w,,}_gpu1.log" 2>&1
+  echo "$w gpu1 rc=$?"; wait $p0; echo "$w gpu0 rc=$?"
+  for f in "$OUT/${w,,}_gpu0.log" "$OUT/${w,,}_gpu1.log"; do  # keep logs small: no progress bars
+    grep -v "Capturing CUDA graphs\|it/s\]" "$f" | tail -300 > "$f.tmp"; mv "$f.tmp" "$f"
+    grep -h "sepllm profile" "$f" | tail -20
+  done
+  tail -12 "$OUT/${w,,}_gpu0.log"; tail -16 "$OUT/${w,,}_gpu1.log"
+}
+
+for step in "$@"; do
+  echo "=== $step at $(( $(date +%s) - t0 )) s"
+  case $step in
+    ktests) timeout ${KTESTS_S:-200} python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -m gpu \
+              -k "${KTESTS_K:-padded or cuda_graph or kv_write or (test_prefill and not interp)}" \
+              > "$OUT/kernel_tests.log" 2>&1; echo "ktests rc=$?"; tail -5 "$OUT/kernel_tests.log" ;;
+    kbench) timeout ${KBENCH_S:-150} python3 benchmarks/kernels.py --only ${KBENCH_ONLY:-prefill decode} \
+              --out "$OUT/h200_kernels.json" > "$OUT/kernels.log" 2>&1; echo "kbench rc=$?"; tail -30 "$OUT/kernels.log" ;;
+    w0) pair W0 ${W_S:-400} FLASH_ATTN SEPLLM:a4s64w256 ;;
+    kernels_gpu1)  # kernel tests then benchmarks on GPU 1, in the background of the next steps
+      (export CUDA_VISIBLE_DEVICES=1
+       timeout ${KTESTS_S:-200} python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -m gpu \
+         -k "${KTESTS_K:-padded or cuda_graph or kv_write or (test_prefill and not interp)}" \
+         > "$OUT/kernel_tests.log" 2>&1; echo "ktests rc=$?" >> "$OUT/kernel_tests.log"
+       timeout ${KBENCH_S:-150} python3 benchmarks/kernels.py --only ${KBENCH_ONLY:-prefill decode} \
+         --out "$OUT/h200_kernels.json" > "$OUT/kernels.log" 2>&1; echo "kbench rc=$?" >> "$OUT/kernels.log") &
+      bg=$! ;;
+    wait_bg) wait ${bg:-}; tail -5 "$OUT/kernel_tests.log"; tail -30 "$OUT/kernels.log" ;;
+    w0x2) pair_x2 W0 ${W_S:-400} FLASH_ATTN SEPLLM:a4s64w256 ;;
+    w1x2) pair_x2 W1 ${W_S:-480} FLASH_ATTN SEPLLM:a4s64w256 ;;
+    w2x2) pair_x2 W2 ${W_S:-480} FLASH_ATTN SEPLLM:a4s64w256 ${W2_MORE:-} ;;
+    tp2) timeout ${TP_S:-200} python3 benchmarks/tp_check.py --out "$OUT/h200x2_tp2_tokens.json" \
+           > "$OUT/tp2.log" 2>&1; echo "tp2 rc=$?"
+         grep -v "it/s\]" "$OUT/tp2.log" | tail -200 > "$OUT/tp2.log.tmp"; mv "$OUT/tp2.log.tmp" "$OUT/tp2.log"
+         tail -30 "$OUT/tp2.log" ;;
+    cli) timeout ${CLI_S:-300} bash benchmarks/gpu_cli_check.sh "$OUT/cli" > "$OUT/cli.log" 2>&1; echo "cli rc=$?"; tail -20 "$OUT/cli.log" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+echo "all done in $(( $(date +%s) - t0 )) s"
