@@ -10,11 +10,67 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from vllm_sepllm.testing.server import post_json, scrape, sepllm_server, wait_idle
 
 A, S, W = 4, 16, 64  # num_sinks, sep_cap, window
 CHUNK = 256  # max_num_batched_tokens: long prompts are prefilled in chunks
+
+
+def test_stats_survive_engine_core_serialization():
+    """The SepLLM figures cross the engine-core -> front-end boundary (msgspec, patches.py
+    item 7) and vLLM's own fields stay intact."""
+    from vllm.v1.engine import EngineCoreOutputs
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    import vllm_sepllm
+    from vllm_sepllm.metrics import SepLLMSchedulerStats, SepLLMStepStats
+
+    vllm_sepllm.register()
+    step = SepLLMStepStats(evicted_tokens=7, freed_blocks=2, compaction_seconds=0.25,
+                           retained_tokens=84, kv_blocks_used=3, kv_blocks_free=100)
+    stats = SepLLMSchedulerStats(num_running_reqs=5, kv_cache_usage=0.03, sepllm=step)
+    out = MsgpackDecoder(EngineCoreOutputs).decode(
+        MsgpackEncoder().encode(EngineCoreOutputs(scheduler_stats=stats)))
+    assert out.scheduler_stats.sepllm == step
+    assert out.scheduler_stats.num_running_reqs == 5
+    assert out.scheduler_stats.kv_cache_usage == 0.03
+
+
+def test_worker_stats_ride_the_model_output():
+    """Compaction time is attached to real model outputs (also pickled, as the multiprocess
+    executor sends them), to async ones when fetched, never to vLLM's shared empty output."""
+    import pickle
+
+    from vllm.v1.outputs import (
+        EMPTY_MODEL_RUNNER_OUTPUT,
+        AsyncModelRunnerOutput,
+        ModelRunnerOutput,
+    )
+
+    from vllm_sepllm.metrics import CompactionTimer, attach_worker_stats, worker_stats_of
+
+    timer = CompactionTimer(torch.device("cpu"))
+    timer.start()
+    time.sleep(0.01)
+    timer.stop()
+    assert attach_worker_stats(EMPTY_MODEL_RUNNER_OUTPUT, timer) is EMPTY_MODEL_RUNNER_OUTPUT
+    assert worker_stats_of(EMPTY_MODEL_RUNNER_OUTPUT) is None
+    out = attach_worker_stats(ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0}), timer)
+    seconds = worker_stats_of(pickle.loads(pickle.dumps(out))).compaction_seconds
+    assert 0.01 <= seconds < 5
+    assert timer.take() == 0.0  # taken once
+
+    class Pending(AsyncModelRunnerOutput):
+        def get_output(self):
+            return ModelRunnerOutput(req_ids=["b"], req_id_to_index={"b": 0})
+
+    timer.start()
+    timer.stop()
+    pending = attach_worker_stats(Pending(), timer)
+    assert worker_stats_of(pending.get_output()).compaction_seconds > 0
+    assert attach_worker_stats(None, timer) is None
 
 
 @pytest.fixture(scope="module")
