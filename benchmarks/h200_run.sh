@@ -65,6 +65,10 @@ for step in "$@"; do
            > "$OUT/tp2.log" 2>&1; echo "tp2 rc=$?"
          grep -v "it/s\]" "$OUT/tp2.log" | tail -200 > "$OUT/tp2.log.tmp"; mv "$OUT/tp2.log.tmp" "$OUT/tp2.log"
          tail -30 "$OUT/tp2.log" ;;
+    prof) timeout ${PROF_S:-220} python3 benchmarks/profile_step.py --out "$OUT/h200_profile.txt" ${PROF_ARGS:-} \
+            > "$OUT/prof.log" 2>&1; echo "prof rc=$?"
+          grep "sepllm profile" "$OUT/prof.log" | tail -12 | tee "$OUT/prof_sections.txt"; rm -f "$OUT/prof.log"
+          head -60 "$OUT/h200_profile.txt" ;;
     cli) timeout ${CLI_S:-300} bash benchmarks/gpu_cli_check.sh "$OUT/cli" > "$OUT/cli.log" 2>&1; echo "cli rc=$?"; tail -20 "$OUT/cli.log" ;;
     *) echo "unknown step $step" ;;
   esac

@@ -96,11 +96,14 @@ def prefill_key_meta(
     batch = len(retentions)
     if max_cache_len is None:
         max_cache_len = int(cache_lens.max()) if batch else 0
-    num_sinks = torch.tensor([r.num_sinks for r in retentions], dtype=torch.int64,
-                             device=device)
-    window = torch.tensor([r.window for r in retentions], dtype=torch.int64, device=device)
-    sep_cap = torch.tensor([-1 if r.sep_cap is None else r.sep_cap for r in retentions],
-                           dtype=torch.int64, device=device)
+    # One host tensor, one non-blocking copy: torch.tensor(list, device=cuda) would be a
+    # pageable copy that waits for all queued GPU work, stalling the host every prefill step.
+    host = torch.tensor([[r.num_sinks for r in retentions], [r.window for r in retentions],
+                         [-1 if r.sep_cap is None else r.sep_cap for r in retentions]],
+                        dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    num_sinks, window, sep_cap = host.to(device, non_blocking=True)
 
     idx = torch.arange(max_cache_len, device=device)
     valid = idx[None, :] < cache_lens[:, None]

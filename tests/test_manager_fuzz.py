@@ -163,7 +163,7 @@ class Fuzzer:
         cache = self.mgr.caches[req.rid]
         self.stats["evict"] += 1
         if already:
-            assert comp.num_evicted == 0 and comp.moves == []
+            assert comp.num_evicted == 0 and not comp.moves
         new_len = len(req.kv) - comp.num_evicted
         assert new_len == len(cache)
         srcs = [s for s, _ in comp.moves]

@@ -94,6 +94,10 @@ class Compaction:
     num_evicted: int
 
 
+#: The no-op result (shared; callers only read it).
+_NOTHING = Compaction((), 0)
+
+
 class RequestCache:
     """Scheduler-side record of one request's compacted KV cache.
 
@@ -139,7 +143,7 @@ class RequestCache:
         r = self.retention
         window_start = n - r.window + 1
         if window_start <= self.frontier:
-            return Compaction([], 0)
+            return _NOTHING
         if window_start > len(token_ids):
             raise RuntimeError(
                 f"sepllm: token id of position {len(token_ids)} is not known yet "
@@ -155,8 +159,16 @@ class RequestCache:
                 holes.append(self.index.pop(p))
         self.frontier = window_start
         if not holes:
-            return Compaction([], 0)
+            return _NOTHING
         self.num_evicted += len(holes)
+        if len(holes) == 1:  # steady decode: one token leaves the window each step
+            hole, last = holes[0], len(self.slots) - 1
+            pos = self.slots.pop()
+            if hole == last:
+                return Compaction([], 1)
+            self.slots[hole] = pos
+            self.index[pos] = hole
+            return Compaction([(last, hole)], 1)
         return Compaction(self._fill_holes(holes), len(holes))
 
     def _fill_holes(self, holes: list[int]) -> list[tuple[int, int]]:

@@ -1,0 +1,92 @@
+"""Where the host time of a SEPLLM engine step goes: cProfile of an in-process engine.
+
+    python3 benchmarks/profile_step.py --num-requests 512 --prompt-len 1024 --output-len 256 \\
+        --out /tmp/profile.txt
+
+Runs the engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so one cProfile
+sees scheduler, model runner and attention-metadata builder; ``VLLM_SEPLLM_PROFILE=1`` also
+prints per-step means of SepLLM's sections (vllm_sepllm/profiling.py). Same prompts, replay
+and settings as benchmarks/throughput.py (Llama-3-8B shape, dummy weights on a GPU; SmolLM2 with
+real weights on CPU). cProfile inflates Python-heavy code, so read shares, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backend", default="SEPLLM")
+    p.add_argument("--sepllm", default='{"num_sinks": 4, "sep_cap": 64, "window": 256}')
+    p.add_argument("--num-requests", type=int, default=512)
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--model", default=None, help="HF folder (default: Llama-3-8B shape, dummy)")
+    p.add_argument("--top", type=int, default=70)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_SEPLLM_PROFILE", "1")
+    os.environ.setdefault("VLLM_SEPLLM_PROFILE_EVERY", "100")
+
+    import json
+
+    import numpy as np
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from benchmarks.common import LLAMA3_8B, make_dummy_model, real_prompts_and_continuations
+    from benchmarks.replay import FQCN
+
+    work = Path(tempfile.mkdtemp(prefix="sepllm-prof-"))
+    kwargs = {}
+    if args.model is None:
+        args.model = str(make_dummy_model(work / "llama3-8b", ROOT / ".gpu" / "tok", LLAMA3_8B))
+        kwargs["load_format"] = "dummy"
+    tok = AutoTokenizer.from_pretrained(args.model)
+    n, plen, olen = args.num_requests, args.prompt_len, args.output_len
+    prompts, conts = real_prompts_and_continuations(tok, n, plen, olen, seed=0)
+    cont_file = work / "continuations.npy"
+    np.save(cont_file, np.asarray(conts, dtype=np.int32))
+    if args.backend == "SEPLLM":
+        kwargs["additional_config"] = {"sepllm": json.loads(args.sepllm)}
+    llm = LLM(args.model, attention_backend=args.backend, max_model_len=plen + olen + 16,
+              enable_prefix_caching=False, max_num_seqs=max(n, 256), seed=0,
+              logits_processors=[FQCN], **kwargs)
+    params = [SamplingParams(max_tokens=olen, ignore_eos=True, temperature=0.0,
+                             extra_args={"replay": {"file": str(cont_file), "row": i}})
+              for i in range(n)]
+    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    llm.generate(inputs[:4], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    outs = llm.generate(inputs, params, use_tqdm=False)
+    prof.disable()
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    buf = io.StringIO()
+    buf.write(f"{args.backend} {n} x ({plen} + {olen}): {elapsed:.1f} s under cProfile, "
+              f"{out_tokens / elapsed:.0f} out tok/s\n")
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("cumulative").print_stats(args.top)
+    stats.sort_stats("tottime").print_stats(args.top // 2)
+    Path(args.out).write_text(buf.getvalue())
+    print(buf.getvalue()[:3000])
+
+
+if __name__ == "__main__":
+    main()
