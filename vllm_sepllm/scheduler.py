@@ -105,9 +105,12 @@ class _SepLLMSchedulerMixin:
         with profiling.section("schedule"):
             return self._sepllm_schedule(*args, **kwargs)
 
-    def update_from_output(self, *args, **kwargs):
+    def update_from_output(self, scheduler_output, model_runner_output):
+        worker = worker_stats_of(model_runner_output)  # the workers' compaction time
+        if worker is not None:
+            self.sepllm_stats.compaction_seconds += worker.compaction_seconds
         with profiling.section("update_from_output"):
-            out = super().update_from_output(*args, **kwargs)
+            out = super().update_from_output(scheduler_output, model_runner_output)
         profiling.step_done()
         return out
 
@@ -158,12 +161,6 @@ class _SepLLMSchedulerMixin:
         return output
 
     # ------------------------------------------------------------------ metrics
-    def update_from_output(self, scheduler_output, model_runner_output):
-        worker = worker_stats_of(model_runner_output)
-        if worker is not None:
-            self.sepllm_stats.compaction_seconds += worker.compaction_seconds
-        return super().update_from_output(scheduler_output, model_runner_output)
-
     def make_stats(self, *args, **kwargs):
         """vLLM's scheduler stats plus the SepLLM figures (counter increments since the
         previous report, gauges now); they reach ``/metrics`` through metrics.py."""
