@@ -136,6 +136,30 @@ def is_correct(pred: float | None, label: str) -> bool:
     return pred is not None and gold is not None and math.isclose(pred, gold, abs_tol=1e-6)
 
 
+# ---------------------------------------------------------------------------- KV figures
+def kv_figures(stats: dict | None, evicting: bool, tokens: int) -> dict:
+    """Per item: the engine's retained ratio and tokens. Without SepLLM nothing is evicted
+    (ratio 1). With SepLLM a request that a stop *string* ends carries no figures: vLLM's front
+    end finds stop strings and aborts the request, so the engine's figures never reach the
+    output (requests ended by EOS or max_tokens carry them); those items get ``None``."""
+    if stats is not None:
+        return {"kv_stats": True, "retained_ratio": stats["retained_ratio"],
+                "kv_retained": stats["kv_retained"]}
+    if not evicting:
+        return {"kv_stats": False, "retained_ratio": 1.0, "kv_retained": tokens}
+    return {"kv_stats": False, "retained_ratio": None, "kv_retained": None}
+
+
+def kv_summary(rows: list[dict]) -> dict:
+    """Mean retained ratio and tokens over the items that have them, and their count."""
+    known = [r for r in rows if r["retained_ratio"] is not None]
+    if not known:
+        return {"retained_ratio": None, "kv_retained_mean": None, "kv_items": 0}
+    return {"retained_ratio": round(sum(r["retained_ratio"] for r in known) / len(known), 4),
+            "kv_retained_mean": round(sum(r["kv_retained"] for r in known) / len(known), 1),
+            "kv_items": len(known)}
+
+
 # ---------------------------------------------------------------------------- one run
 def run_one(args: argparse.Namespace) -> dict:
     from benchmarks.common import environment
@@ -173,9 +197,8 @@ def run_one(args: argparse.Namespace) -> dict:
                      "strict_ok": is_correct(strict, it["label"]),
                      "prompt_tokens": len(out.prompt_token_ids),
                      "output_tokens": len(out.outputs[0].token_ids),
-                     "retained_ratio": st["retained_ratio"] if st else 1.0,
-                     "kv_retained": st["kv_retained"] if st else
-                     len(out.prompt_token_ids) + len(out.outputs[0].token_ids),
+                     **kv_figures(st, sepllm is not None, len(out.prompt_token_ids)
+                                  + len(out.outputs[0].token_ids)),
                      "completion": text})
     n = len(rows)
     record = {
@@ -183,8 +206,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "model": args.model, "start": args.start, "num_items": n,
         "accuracy_flexible": round(sum(r["flexible_ok"] for r in rows) / n, 4),
         "accuracy_strict": round(sum(r["strict_ok"] for r in rows) / n, 4),
-        "retained_ratio": round(sum(r["retained_ratio"] for r in rows) / n, 4),
-        "kv_retained_mean": round(sum(r["kv_retained"] for r in rows) / n, 1),
+        **kv_summary(rows),
         "prompt_tokens_mean": round(sum(r["prompt_tokens"] for r in rows) / n, 1),
         "output_tokens_mean": round(sum(r["output_tokens"] for r in rows) / n, 1),
         "elapsed_s": round(elapsed, 1), "max_tokens": args.max_tokens, "dtype": args.dtype,
@@ -195,24 +217,50 @@ def run_one(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------- report
+def add_agreement(records: list[dict]) -> None:
+    """``agree_with_first``: the share of items whose flexible answer (a number or none)
+    equals the first run's — a finer signal than accuracy for weak models."""
+    ok = [r for r in records if "error" not in r]
+    if not ok:
+        return
+    ref = {it["id"]: it["flexible"] for it in ok[0]["items"]}
+    for r in ok:
+        same = [it["flexible"] == ref.get(it["id"], "missing") for it in r["items"]]
+        r["agree_with_first"] = round(sum(same) / len(same), 4)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
 def report_table(records: list[dict]) -> str:
-    lines = [f"{'run':28} {'items':>5} {'flexible':>9} {'strict':>7} {'r.KV':>7} "
-             f"{'KV kept':>8} {'prompt':>7} {'output':>7} {'time s':>7}"]
+    lines = [f"{'run':28} {'items':>5} {'flexible':>9} {'strict':>7} {'agree':>7} {'r.KV':>7} "
+             f"{'KV kept':>8} {'KV items':>8} {'prompt':>7} {'output':>7} {'time s':>7}"]
     for r in records:
         if "error" in r:
             lines.append(f"{r['run']:28} ERROR {r['error']}")
             continue
         name = f"{r['backend']} {r['config']}"
+        agree = r.get("agree_with_first")
         lines.append(f"{name:28} {r['num_items']:>5} {100 * r['accuracy_flexible']:>8.1f}% "
-                     f"{100 * r['accuracy_strict']:>6.1f}% {100 * r['retained_ratio']:>6.1f}% "
-                     f"{r['kv_retained_mean']:>8.0f} {r['prompt_tokens_mean']:>7.0f} "
+                     f"{100 * r['accuracy_strict']:>6.1f}% "
+                     f"{'-' if agree is None else f'{100 * agree:.1f}%':>7} "
+                     f"{_pct(r['retained_ratio']):>7} "
+                     f"{_num(r['kv_retained_mean']):>8} {r.get('kv_items', '-'):>8} "
+                     f"{r['prompt_tokens_mean']:>7.0f} "
                      f"{r['output_tokens_mean']:>7.0f} {r['elapsed_s']:>7.0f}")
     r0 = next((r for r in records if "error" not in r), None)
     if r0:
         lines.append(f"GSM8K CoT 8-shot, items {r0['start']}..{r0['start'] + r0['num_items'] - 1},"
                      f" model {Path(r0['model']).name}, {r0['gpu']}, vLLM "
                      f"{r0.get('vllm_version')}, commit {r0.get('commit')}; r.KV = mean retained"
-                     " KV ratio per request, KV kept = mean retained tokens at finish")
+                     " KV ratio per request, KV kept = mean retained tokens at finish (both over"
+                     " the KV items: requests that carry the engine's figures), agree = same"
+                     " flexible answer as the first run")
     return "\n".join(lines)
 
 
@@ -234,7 +282,14 @@ def main() -> None:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="JSON path")
+    p.add_argument("--report-only", metavar="JSON", help="print the table of a result file")
     args = p.parse_args()
+
+    if args.report_only:
+        records = json.loads(Path(args.report_only).read_text())
+        add_agreement(records)
+        print(report_table(records))
+        return
 
     if args.model is None:
         from vllm_sepllm.testing.model import smollm2_path
@@ -261,6 +316,7 @@ def main() -> None:
             continue
         records.append(json.loads(lines[-1][len("RESULT "):]))
         print({k: v for k, v in records[-1].items() if k != "items"}, flush=True)
+    add_agreement(records)
     print("\n" + report_table(records))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -65,3 +65,26 @@ def test_bad_slice_is_refused():
         gsm8k.load_items(5000, 10)
     with pytest.raises(SystemExit, match="--limit must be positive"):
         gsm8k.load_items(0, 0)
+
+
+def test_agreement_with_the_first_run():
+    def rec(preds):
+        return {"items": [{"id": i, "flexible": p} for i, p in enumerate(preds)]}
+
+    records = [rec([1.0, None, 3.0, 4.0]), rec([1.0, None, 5.0, None]), {"run": "x", "error": 1}]
+    gsm8k.add_agreement(records)
+    assert records[0]["agree_with_first"] == 1.0
+    assert records[1]["agree_with_first"] == 0.5  # same 1.0 and same "no number"; 2 differ
+    assert "agree_with_first" not in records[2]
+
+
+def test_kv_figures_and_summary():
+    """Engine figures when present; ratio 1 without SepLLM; unknown (not 1) for a SepLLM
+    request ended by a stop string, which the summary leaves out."""
+    st = {"retained_ratio": 0.25, "kv_retained": 300}
+    rows = [gsm8k.kv_figures(st, True, 1200), gsm8k.kv_figures(None, True, 900)]
+    assert rows[1] == {"kv_stats": False, "retained_ratio": None, "kv_retained": None}
+    assert gsm8k.kv_summary(rows) == {"retained_ratio": 0.25, "kv_retained_mean": 300,
+                                      "kv_items": 1}
+    assert gsm8k.kv_figures(None, False, 900)["retained_ratio"] == 1.0
+    assert gsm8k.kv_summary([rows[1]])["kv_items"] == 0
