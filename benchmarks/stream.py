@@ -21,7 +21,9 @@ KV stays at most a + s + w + one chunk, and PE shift keeps RoPE positions below 
 The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that a sampler
 thread can read the scheduler every ``--interval`` seconds: tokens computed so far, KV blocks in
 use, and memory (GPU: ``torch.cuda.memory_allocated`` and the device's used memory; CPU: RSS).
-Writes JSON (samples + summary) and a PNG (tokens/s and memory over time).
+Writes JSON (samples + summary) and a PNG (tokens/s and memory over time). The summary also
+gives the time the worker spent re-rotating keys (``rerotation_s``, its share of the run, and
+the number of keys re-rotated): the cost of PE shift.
 
 Memory: a 16-bit KV cache under PE shift keeps a copy of the original keys (+50% of the KV
 pool, vllm_sepllm/rope_shift.py), so the pool is sized explicitly (``--kv-bytes``, default
@@ -54,6 +56,12 @@ def stream_ids(tokenizer, n: int) -> list[int]:
         ids += tokenizer.encode(text, add_special_tokens=False)
     reps = -(-n // len(ids))
     return (ids * reps)[:n]
+
+
+def rerotation_stats(worker) -> dict:
+    """On the worker: time spent re-rotating keys (PE shift) and how many were re-rotated."""
+    state = worker.model_runner.sepllm
+    return {"seconds": state.rerotate_timer.take(), "keys": state.rerotated_keys}
 
 
 class Sampler(threading.Thread):
@@ -190,6 +198,11 @@ def main() -> None:
     sampler.samples.append(dict(sampler.sample(), tokens=args.tokens + args.decode))
 
     samples = sampler.samples
+    try:
+        rot = llm.collective_rpc(rerotation_stats)[0]
+    except Exception as e:  # noqa: BLE001 - keep the run's results whatever happens here
+        print(f"re-rotation stats unavailable: {e!r}")
+        rot = {"seconds": float("nan"), "keys": None}
     key = "gpu_used_mib" if "gpu_used_mib" in samples[0] else "rss_mib"
     steady = [s[key] for s in samples if s["tokens"] and s["tokens"] > args.tokens // 10]
     kv = (out.kv_transfer_params or {}).get("sepllm") or {}
@@ -208,6 +221,9 @@ def main() -> None:
         "kv_peak_blocks_request": kv.get("peak_kv_blocks"),
         "kv_retained_at_end": kv.get("kv_retained"),
         "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
+        "rerotation_s": round(rot["seconds"], 2),
+        "rerotation_share": round(rot["seconds"] / elapsed, 4),
+        "keys_rerotated": rot["keys"],
         "device": environment().get("gpu"),
     }
     result = {"summary": summary, "samples": samples, **environment()}

@@ -21,6 +21,8 @@ and CUDA, and V2 would need the same hooks in different places (``update_request
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -74,6 +76,7 @@ class SepLLMWorkerState:
         self.rerotate: set[str] = set()
         self.rope_positions: torch.Tensor | None = None
         self.rerotated_keys = 0
+        self.rerotate_timer = CompactionTimer(device)  # re-rotation time (benchmarks/stream.py)
         # 16-bit caches: the keys as first written and their RoPE position (rope_shift.py,
         # KEEP_ORIGIN_DTYPES), and the slots written by the last step, still to be saved.
         self.key_origin: list[torch.Tensor] | None = None
@@ -148,12 +151,15 @@ class SepLLMRunnerMixin:
 
         state = self.sepllm
         caches = self.kv_caches
-        if not caches or caches[0].dtype not in KEEP_ORIGIN_DTYPES:
+        force = os.environ.get("VLLM_SEPLLM_PE_SHIFT_KEEP_ORIGIN") == "1"  # tests: fp32 too
+        if not caches or (caches[0].dtype not in KEEP_ORIGIN_DTYPES and not force):
             return
         d = state.rope.head_size
         try:
-            state.key_origin = [torch.empty(kv.shape[0] * kv.shape[1], kv.shape[2], d,
-                                            dtype=kv.dtype, device=kv.device) for kv in caches]
+            # [num_blocks, block_size, Hkv, D]: same leading dims as the cache, so that
+            # move_slots (compaction) moves its rows like the cache's.
+            state.key_origin = [torch.empty(*kv.shape[:3], d, dtype=kv.dtype, device=kv.device)
+                                for kv in caches]
         except torch.OutOfMemoryError:
             from vllm_sepllm.config import SepLLMConfigError
 
@@ -309,7 +315,9 @@ class SepLLMRunnerMixin:
             state.slot_rope[slots] = ranks.to(torch.int32)
         if all_slots:
             slots, delta = torch.cat(all_slots), torch.cat(all_delta)
+            state.rerotate_timer.start()
             shift_keys(self.kv_caches, slots, delta, state.rope, state.key_origin)
+            state.rerotate_timer.stop()
             state.rerotated_keys += slots.numel()
 
     def _sepllm_save_origin(self) -> None:
@@ -318,8 +326,10 @@ class SepLLMRunnerMixin:
         state = self.sepllm
         slots, state.origin_pending = state.origin_pending, None
         d = state.rope.head_size
+        state.rerotate_timer.start()
         for kv, origin in zip(self.kv_caches, state.key_origin):
-            origin[slots] = kv.view(-1, kv.shape[2], kv.shape[3])[slots, :, :d]
+            origin.view(-1, *origin.shape[2:])[slots] = kv.view(-1, *kv.shape[2:])[slots, :, :d]
+        state.rerotate_timer.stop()
 
     def _preprocess(self, scheduler_output, *args, **kwargs):
         # PE shift: the model gets RoPE positions relative to the cache. They go into vLLM's
