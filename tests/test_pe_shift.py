@@ -200,3 +200,32 @@ def test_engine_streams_past_positions_token_exact(short_model, tokenizer, monke
                   for d, t in zip(out.prompt_logprobs[1:], prompt[1:])]
         torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(ref_lp),
                                    atol=1e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------- start-up checks
+def _engine_config(model, **kwargs):
+    import vllm.plugins
+    from vllm.engine.arg_utils import EngineArgs
+
+    vllm.plugins.load_general_plugins()
+    return EngineArgs(model=model, **kwargs).create_engine_config()
+
+
+def test_startup_accepts_long_max_model_len(short_model, monkeypatch):
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    cfg = _engine_config(short_model, attention_backend="SEPLLM", max_model_len=100_000,
+                         max_num_batched_tokens=CHUNK,
+                         additional_config={"sepllm": {"num_sinks": A, "sep_cap": S,
+                                                       "window": W, "pe_shift": True}})
+    assert cfg.additional_config["sepllm"]["pe_shift"] is True
+    assert cfg.model_config.max_model_len == 100_000
+
+
+def test_startup_refuses_positions_past_the_table(short_model, monkeypatch):
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    with pytest.raises(SepLLMConfigError, match=r"sepllm.pe_shift=true: a \+ s \+ w \+ "
+                       r"max_num_batched_tokens = 452 is above max_position_embeddings=256"):
+        _engine_config(short_model, attention_backend="SEPLLM", max_model_len=4096,
+                       max_num_batched_tokens=128,
+                       additional_config={"sepllm": {"num_sinks": 4, "sep_cap": 64,
+                                                     "window": 256, "pe_shift": True}})
