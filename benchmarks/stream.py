@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -135,7 +136,7 @@ def plot(result: dict, out: Path) -> None:
     ax2.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower right")
     ax2.grid(alpha=0.3)
     s = result["summary"]
-    fig.suptitle(f"{s['model']}: one request, {s['tokens']:,} tokens, SepLLM {s['config']} + PE "
+    fig.suptitle(f"{s['model']}: one request, {s.get('tokens_done', s['tokens']):,} tokens, SepLLM {s['config']} + PE "
                  f"shift, {s['tok_per_s']:.0f} tok/s, {s['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -156,7 +157,11 @@ def main() -> None:
     p.add_argument("--kv-bytes", type=int, default=4 << 30)
     p.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     p.add_argument("--out", default="benchmarks/results/stream.json")
+    p.add_argument("--plot", metavar="JSON", help="only (re)draw the PNG of a result JSON")
     args = p.parse_args()
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        return
 
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
@@ -188,14 +193,25 @@ def main() -> None:
     sampler = Sampler(llm, args.interval)
     sampler.samples.append(sampler.sample())
     sampler.start()
+    # A `timeout` (SIGTERM) ends the stream early but still writes what was measured.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     t0 = time.perf_counter()
-    out = llm.generate([TokensPrompt(prompt_token_ids=ids)],
-                       SamplingParams(max_tokens=args.decode, ignore_eos=True, temperature=0.0),
-                       use_tqdm=False)[0]
+    out, completed = None, True
+    try:
+        out = llm.generate([TokensPrompt(prompt_token_ids=ids)],
+                           SamplingParams(max_tokens=args.decode, ignore_eos=True,
+                                          temperature=0.0), use_tqdm=False)[0]
+    except KeyboardInterrupt:
+        completed = False
+        print("interrupted: writing the partial results")
     elapsed = time.perf_counter() - t0
     sampler.stop.set()
     sampler.join()
-    sampler.samples.append(dict(sampler.sample(), tokens=args.tokens + args.decode))
+    final = sampler.sample()
+    if completed:
+        final["tokens"] = args.tokens + args.decode
+    sampler.samples.append(final)
+    done = final["tokens"] or 0
 
     samples = sampler.samples
     try:
@@ -205,15 +221,16 @@ def main() -> None:
         rot = {"seconds": float("nan"), "keys": None}
     key = "gpu_used_mib" if "gpu_used_mib" in samples[0] else "rss_mib"
     steady = [s[key] for s in samples if s["tokens"] and s["tokens"] > args.tokens // 10]
-    kv = (out.kv_transfer_params or {}).get("sepllm") or {}
+    kv = ((out.kv_transfer_params or {}).get("sepllm") or {}) if out else {}
     cfg = sepllm
     label = (f"a{cfg.get('num_sinks', 4)}s{cfg.get('sep_cap', 64)}w{cfg.get('window', 256)}"
              if cfg.get("mode", "sepllm") == "sepllm" else json.dumps(cfg))
     summary = {
-        "model": name, "tokens": args.tokens, "decode_tokens": len(out.outputs[0].token_ids),
+        "model": name, "tokens": args.tokens, "completed": completed, "tokens_done": done,
+        "decode_tokens": len(out.outputs[0].token_ids) if out else 0,
         "config": label, "chunk": args.chunk, "dtype": args.dtype,
         "elapsed_s": round(elapsed, 1), "startup_s": round(startup, 1),
-        "tok_per_s": round((args.tokens + args.decode) / elapsed, 1),
+        "tok_per_s": round(done / elapsed, 1),
         "memory_key": key,
         "memory_min_mib_after_10pct": min(steady) if steady else None,
         "memory_max_mib_after_10pct": max(steady) if steady else None,
@@ -230,7 +247,10 @@ def main() -> None:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
-    plot(result, out_path.with_suffix(".png"))
+    try:
+        plot(result, out_path.with_suffix(".png"))
+    except ImportError as e:  # e.g. no matplotlib on the GPU machine: draw it later (--plot)
+        print(f"no plot ({e}); run: python benchmarks/stream.py --plot {out_path}")
     print(json.dumps(summary, indent=1))
     print(f"wrote {out_path} and {out_path.with_suffix('.png')}")
 
