@@ -92,9 +92,11 @@ def austen_books() -> dict[str, str]:
     return {n: (out_dir / f"{n}.txt").read_text() for n in names}
 
 
-def documents(tokenizer, num_docs: int, tokens: int) -> tuple[str, list[tuple[str, list[int]]]]:
-    """``num_docs`` documents of ``tokens`` token ids each. A document shorter than ``tokens``
-    is continued by the next novels (in order), so that a stream has the length asked for."""
+def documents(tokenizer, num_docs: int, tokens: int, offset: int = 0
+              ) -> tuple[str, list[tuple[str, list[int]]]]:
+    """``num_docs`` documents of ``tokens`` token ids each, starting ``offset`` tokens into each
+    novel. A document shorter than that is continued by the next novels (in order), so that a
+    stream has the length asked for."""
     try:
         texts, source = austen_books(), f"Debian {AUSTEN_PACKAGE} (Jane Austen, 6 novels)"
     except Exception as e:  # noqa: BLE001 - any failure: say so and use the fallback texts
@@ -110,10 +112,11 @@ def documents(tokenizer, num_docs: int, tokens: int) -> tuple[str, list[tuple[st
     for i in range(num_docs):
         name, doc = names[i % len(names)], []
         j = i
-        while len(doc) < tokens:
+        while len(doc) < offset + tokens:
             doc += ids[names[j % len(names)]]
             j += 1
-        docs.append((name if j == i + 1 else f"{name}+", doc[:tokens]))
+        label = name if j == i + 1 else f"{name}+"
+        docs.append((f"{label}[{offset}:]" if offset else label, doc[offset:offset + tokens]))
     return source, docs
 
 
@@ -268,6 +271,7 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", help="override the suite's runs")
     p.add_argument("--num-docs", type=int)
     p.add_argument("--tokens", type=int, help="tokens per document")
+    p.add_argument("--offset", type=int, default=0, help="skip this many tokens of each novel")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk (max_num_batched_tokens)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-bytes", type=int, default=1 << 30)
@@ -288,7 +292,7 @@ def main() -> None:
     runs = [parse_run(s) for s in (args.runs or suite["runs"])]
     tok = AutoTokenizer.from_pretrained(model)
     source, docs = documents(tok, args.num_docs or suite["num_docs"],
-                             args.tokens or suite["tokens"])
+                             args.tokens or suite["tokens"], args.offset)
     print(f"{len(docs)} documents x {len(docs[0][1])} tokens from {source}")
 
     records: list[dict] = []
