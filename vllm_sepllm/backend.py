@@ -10,7 +10,8 @@ Four classes, as vLLM's backends have: metadata, builder, backend, impl. The cac
 
     seq_lens[b] (from the runner) = cache_len[b]  = retained + new tokens
     query_start_loc                = offsets of each request's new tokens
-    positions                      = logical positions (RoPE and the mask use them)
+    positions                      = logical positions (the mask uses them; RoPE too, unless
+                                     pe_shift feeds cache ranks: read here at build time)
 
 A request with one new token (decode) attends its whole cache: it holds exactly what that
 query sees. A chunk of several tokens (prefill) applies the SepLLM mask, built from the
