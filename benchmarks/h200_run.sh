@@ -23,7 +23,7 @@ pair() {  # pair WORKLOAD SECONDS [RUNS...]: both runs one after the other on GP
   CUDA_VISIBLE_DEVICES=0 timeout "$limit" python3 benchmarks/throughput.py --workload "$w" --runs "$@" --no-progress \
     --out "$OUT/h200_${w,,}.json" > "$OUT/${w,,}.log" 2>&1; echo "$w rc=$?"
   grep -v "Capturing CUDA graphs\|it/s\]" "$OUT/${w,,}.log" | tail -300 > "$OUT/${w,,}.log.tmp"; mv "$OUT/${w,,}.log.tmp" "$OUT/${w,,}.log"
-  grep -h "sepllm profile" "$OUT/${w,,}.log" | tail -20; tail -25 "$OUT/${w,,}.log"
+  tail -25 "$OUT/${w,,}.log"
 }
 pair_x2() {  # pair_x2 WORKLOAD SECONDS RUN_GPU0 RUNS_GPU1...: the two GPUs at once
   local w=$1 limit=$2 first=$3; shift 3
@@ -35,7 +35,6 @@ pair_x2() {  # pair_x2 WORKLOAD SECONDS RUN_GPU0 RUNS_GPU1...: the two GPUs at o
   echo "$w gpu1 rc=$?"; wait $p0; echo "$w gpu0 rc=$?"
   for f in "$OUT/${w,,}_gpu0.log" "$OUT/${w,,}_gpu1.log"; do  # keep logs small: no progress bars
     grep -v "Capturing CUDA graphs\|it/s\]" "$f" | tail -300 > "$f.tmp"; mv "$f.tmp" "$f"
-    grep -h "sepllm profile" "$f" | tail -20
   done
   tail -12 "$OUT/${w,,}_gpu0.log"; tail -16 "$OUT/${w,,}_gpu1.log"
 }
@@ -67,7 +66,7 @@ for step in "$@"; do
          tail -30 "$OUT/tp2.log" ;;
     prof) timeout ${PROF_S:-220} python3 benchmarks/profile_step.py --out "$OUT/h200_profile.txt" ${PROF_ARGS:-} \
             > "$OUT/prof.log" 2>&1; echo "prof rc=$?"
-          grep "sepllm profile" "$OUT/prof.log" | tail -12 | tee "$OUT/prof_sections.txt"; rm -f "$OUT/prof.log"
+          rm -f "$OUT/prof.log"
           head -60 "$OUT/h200_profile.txt" ;;
     cli) timeout ${CLI_S:-300} bash benchmarks/gpu_cli_check.sh "$OUT/cli" > "$OUT/cli.log" 2>&1; echo "cli rc=$?"; tail -20 "$OUT/cli.log" ;;
     *) echo "unknown step $step" ;;

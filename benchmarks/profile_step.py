@@ -4,8 +4,7 @@
         --out /tmp/profile.txt
 
 Runs the engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so one cProfile
-sees scheduler, model runner and attention-metadata builder; ``VLLM_SEPLLM_PROFILE=1`` also
-prints per-step means of SepLLM's sections (vllm_sepllm/profiling.py). Same prompts, replay
+sees scheduler, model runner and attention-metadata builder. Same prompts, replay
 and settings as benchmarks/throughput.py (Llama-3-8B shape, dummy weights on a GPU; SmolLM2 with
 real weights on CPU). cProfile inflates Python-heavy code, so read shares, not absolute times.
 """
@@ -38,8 +37,6 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_SEPLLM_PROFILE", "1")
-    os.environ.setdefault("VLLM_SEPLLM_PROFILE_EVERY", "100")
 
     import json
 

@@ -206,12 +206,6 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SepLLMMetadata:
-        from vllm_sepllm import profiling
-
-        with profiling.section("build"):
-            return self._build(common_attn_metadata)
-
-    def _build(self, common_attn_metadata: CommonAttentionMetadata) -> SepLLMMetadata:
         from vllm_sepllm.reference import cache_slots, sepllm_mask
         from vllm_sepllm.worker import SepLLMWorkerState, to_device
 
@@ -463,13 +457,10 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
             q = query.index_select(0, md.decode_rows)
             if md.decode_slots is not None:  # torch
                 out = decode_attention(q, flat, md.decode_slots, md.decode_valid, self.scale)
-            elif self.decode_kernel == "flash":
-                out = self._flash_decode(q, kv_cache, md)
             else:
-                from kernels.decode import sepllm_decode
-
-                out = sepllm_decode(q, kv_cache, md.decode_block_table, md.decode_cache_lens,
-                                    self.scale, max_cache_len=md.decode_max_len)
+                out = torch.empty_like(q)
+                cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+                self._paged_decode(q, kv_cache, out, md, cu_q)
             output.index_copy_(0, md.decode_rows, out.to(output.dtype))
         return output
 
@@ -478,12 +469,19 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
         """Every row one query over its whole compacted cache, written straight into
         ``output``: no host work, no allocation outside the kernels (CUDA-graph safe)."""
         n = md.num_actual_tokens
-        q, out = query[:n], output[:n]
+        self._paged_decode(query[:n], kv_cache, output[:n], md, md.query_start_loc)
+        return output
+
+    def _paged_decode(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
+                      md: SepLLMMetadata, cu_q: torch.Tensor) -> None:
+        """q/out [B, Hq, D], one query per row of ``md.decode_block_table`` /
+        ``decode_cache_lens``, attending the row's whole cache (the compacted cache is exactly
+        the visible set: no mask): vLLM's FlashAttention or our Triton kernel."""
         if self.decode_kernel == "flash":
             key_cache, value_cache = kv_cache.split(self.head_size, dim=-1)
             self.flash.varlen(
-                q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=md.query_start_loc,
-                max_seqlen_q=1, seqused_k=md.decode_cache_lens, max_seqlen_k=md.decode_max_len,
+                q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu_q, max_seqlen_q=1,
+                seqused_k=md.decode_cache_lens, max_seqlen_k=md.decode_max_len,
                 softmax_scale=self.scale, causal=True, block_table=md.decode_block_table,
                 scheduler_metadata=md.scheduler_metadata, num_splits=md.num_splits or 0,
                 fa_version=self.flash.version)
@@ -492,18 +490,3 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
 
             sepllm_decode(q, kv_cache, md.decode_block_table, md.decode_cache_lens, self.scale,
                           out=out, num_splits=md.num_splits, max_cache_len=md.decode_max_len)
-        return output
-
-    def _flash_decode(self, q: torch.Tensor, kv_cache: torch.Tensor,
-                      md: SepLLMMetadata) -> torch.Tensor:
-        """Decode rows with vLLM's FlashAttention (paged): the compacted cache needs no mask."""
-        fn, version = self.flash.varlen, self.flash.version
-        key_cache, value_cache = kv_cache.split(self.head_size, dim=-1)
-        bd = q.shape[0]
-        cu_q = torch.arange(bd + 1, dtype=torch.int32, device=q.device)
-        out = torch.empty_like(q)
-        fn(q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu_q, max_seqlen_q=1,
-           seqused_k=md.decode_cache_lens, max_seqlen_k=md.decode_max_len,
-           softmax_scale=self.scale, causal=True, block_table=md.decode_block_table,
-           fa_version=version)
-        return out

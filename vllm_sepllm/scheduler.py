@@ -16,7 +16,6 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.request import Request, RequestStatus
 
-from vllm_sepllm import profiling
 from vllm_sepllm.config import SepLLMConfig, SepLLMConfigError, request_config
 from vllm_sepllm.instrument import TrackingAsyncScheduler, TrackingScheduler
 from vllm_sepllm.kv_manager import SepLLMManager
@@ -43,19 +42,6 @@ class StepPlan:
     compactions: dict[str, tuple[list[int], list[int], int]]
 
 
-@dataclasses.dataclass
-class SepLLMStats:
-    """Engine-wide SepLLM counters since start-up (exported as ``vllm:sepllm_*``, see
-    metrics.py)."""
-
-    evicted_tokens: int = 0
-    freed_blocks: int = 0
-    compactions: int = 0
-    moved_tokens: int = 0
-    compaction_seconds: float = 0.0  # reported by the workers
-    eviction_seconds: float = 0.0
-
-
 class _SepLLMSchedulerMixin:
     """Mixed into vLLM's Scheduler / AsyncScheduler (see the two classes below)."""
 
@@ -77,8 +63,8 @@ class _SepLLMSchedulerMixin:
             self.sepllm_manager.admission_token_cap = (
                 r.num_sinks + r.sep_cap + r.window + self.max_num_scheduled_tokens
             )
-        self.sepllm_stats = SepLLMStats()
-        self._sepllm_reported = SepLLMStats()  # what make_stats has reported so far
+        # Counter increments since the last make_stats (vllm:sepllm_*, metrics.py).
+        self.sepllm_stats = SepLLMStepStats()
         # per request: [blocks freed by compaction, compactions], reported at finish
         self._sepllm_request_counts: dict[str, list[int]] = {}
         self._sepllm_retention: dict[str, Retention] = {}
@@ -101,20 +87,13 @@ class _SepLLMSchedulerMixin:
         return r
 
     # ------------------------------------------------------------------ the step
-    def schedule(self, *args, **kwargs) -> SchedulerOutput:
-        with profiling.section("schedule"):
-            return self._sepllm_schedule(*args, **kwargs)
-
     def update_from_output(self, scheduler_output, model_runner_output):
         worker = worker_stats_of(model_runner_output)  # the workers' compaction time
         if worker is not None:
             self.sepllm_stats.compaction_seconds += worker.compaction_seconds
-        with profiling.section("update_from_output"):
-            out = super().update_from_output(scheduler_output, model_runner_output)
-        profiling.step_done()
-        return out
+        return super().update_from_output(scheduler_output, model_runner_output)
 
-    def _sepllm_schedule(self, *args, **kwargs) -> SchedulerOutput:
+    def schedule(self, *args, **kwargs) -> SchedulerOutput:
         t0 = time.perf_counter()
         compactions: dict[str, tuple[list[int], list[int], int]] = {}
         mgr = self.sepllm_manager
@@ -137,8 +116,6 @@ class _SepLLMSchedulerMixin:
                 compactions[request.request_id] = (
                     src, dst, len(mgr.req_to_blocks[request.request_id]))
         stats.eviction_seconds += time.perf_counter() - t0
-        if profiling.ENABLED:
-            profiling._totals["evict"] += time.perf_counter() - t0
 
         output = super().schedule(*args, **kwargs)
 
@@ -167,10 +144,7 @@ class _SepLLMSchedulerMixin:
         stats = super().make_stats(*args, **kwargs)
         if stats is None:
             return None
-        total, reported = self.sepllm_stats, self._sepllm_reported
-        step = SepLLMStepStats(**{f: getattr(total, f) - getattr(reported, f)
-                                  for f in SepLLMStepStats.COUNTERS})
-        self._sepllm_reported = dataclasses.replace(total)
+        step, self.sepllm_stats = self.sepllm_stats, SepLLMStepStats()
         mgr = self.sepllm_manager
         for request in self.running:
             n = request.num_computed_tokens

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from vllm_sepllm import profiling
 from vllm_sepllm.kv_manager import SepLLMSpec
 from vllm_sepllm.metrics import CompactionTimer, attach_worker_stats
 from vllm_sepllm.policy import FULL_WINDOW, Retention
@@ -170,15 +168,7 @@ class SepLLMRunnerMixin:
         state.slot_rope0 = torch.zeros_like(state.slot_rope)
 
     # ------------------------------------------------------------------ step hooks
-    def execute_model(self, *args, **kwargs):
-        with profiling.section("execute"):
-            return super().execute_model(*args, **kwargs)
-
     def _update_states(self, scheduler_output):
-        with profiling.section("update_states"):
-            return self._sepllm_update_states(scheduler_output)
-
-    def _sepllm_update_states(self, scheduler_output):
         plan: StepPlan | None = getattr(scheduler_output, PLAN_ATTR, None)
         state = self.sepllm
         for req_id in scheduler_output.finished_req_ids:
@@ -199,39 +189,29 @@ class SepLLMRunnerMixin:
 
     def _sepllm_compact(self, plan: StepPlan) -> None:
         """Move the KV of compacted requests and truncate their block lists."""
-        # Steady-state decode compacts every request by one or two slots per step, so this
-        # loop runs hundreds of times per step: plain Python ints for short move lists
-        # (numpy's per-call overhead would dominate), numpy for long ones.
+        # Steady decode compacts most requests by one slot per step: plain Python ints (numpy's
+        # per-call overhead would dominate the few moves of each request).
         block_size = self.cache_config.block_size
         src_slots: list[int] = []
         dst_slots: list[int] = []
-        src_arrays, dst_arrays = [], []
         table = self.input_batch.block_table[0]
         for req_id, (src, dst, num_blocks) in plan.compactions.items():
             req_state = self.requests.get(req_id)
             if req_state is None:
                 continue
             blocks = req_state.block_ids[0]
-            if len(src) <= 8:
-                src_slots += [blocks[i // block_size] * block_size + i % block_size for i in src]
-                dst_slots += [blocks[i // block_size] * block_size + i % block_size for i in dst]
-            elif src:
-                b = np.asarray(blocks, dtype=np.int64)
-                s, d = np.asarray(src), np.asarray(dst)
-                src_arrays.append(b[s // block_size] * block_size + s % block_size)
-                dst_arrays.append(b[d // block_size] * block_size + d % block_size)
+            src_slots += [blocks[i // block_size] * block_size + i % block_size for i in src]
+            dst_slots += [blocks[i // block_size] * block_size + i % block_size for i in dst]
             if num_blocks < len(blocks):
                 del blocks[num_blocks:]
                 row = self.input_batch.req_id_to_index.get(req_id)
                 if row is not None:
                     table.num_blocks_per_row[row] = min(table.num_blocks_per_row[row],
                                                         num_blocks)
-        if not src_slots and not src_arrays:
+        if not src_slots:
             return
-        src_all = np.concatenate([np.asarray(src_slots, dtype=np.int64), *src_arrays])
-        dst_all = np.concatenate([np.asarray(dst_slots, dtype=np.int64), *dst_arrays])
-        src_t = to_device(torch.from_numpy(src_all), self.device)
-        dst_t = to_device(torch.from_numpy(dst_all), self.device)
+        src_t = to_device(torch.tensor(src_slots, dtype=torch.int64), self.device)
+        dst_t = to_device(torch.tensor(dst_slots, dtype=torch.int64), self.device)
         from vllm_sepllm.ops import compact_kv
 
         timer = self.sepllm.compaction_timer  # vllm:sepllm_compaction_seconds (metrics.py)
@@ -247,10 +227,6 @@ class SepLLMRunnerMixin:
         timer.stop()
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        with profiling.section("prepare_inputs"):
-            return self._sepllm_prepare_inputs(scheduler_output, num_scheduled_tokens)
-
-    def _sepllm_prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         state = self.sepllm
         num_reqs = self.input_batch.num_reqs
