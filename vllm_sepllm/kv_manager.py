@@ -46,12 +46,10 @@ class SepLLMSpec(FullAttentionSpec):
         from vllm_sepllm.patches import engine_sepllm_config
 
         full = super().max_memory_usage_bytes(vllm_config)
-        cfg = engine_sepllm_config(vllm_config)
-        r = cfg.retention
-        if not cfg.evicts or r.sep_cap is None:
+        cap = engine_sepllm_config(vllm_config).max_cache_tokens
+        if cap is None:
             return full
-        tokens = (r.num_sinks + r.sep_cap + r.window
-                  + vllm_config.scheduler_config.max_num_batched_tokens)
+        tokens = cap + vllm_config.scheduler_config.max_num_batched_tokens
         return min(full, cdiv(tokens, self.block_size) * self.page_size_bytes)
 
 

@@ -58,11 +58,9 @@ class _SepLLMSchedulerMixin:
                 f"{[type(m).__name__ for m in managers]}"
             )
         self.sepllm_manager: SepLLMManager = managers[0]
-        r = self.sepllm_config.retention
-        if self.sepllm_config.evicts and r.sep_cap is not None:
-            self.sepllm_manager.admission_token_cap = (
-                r.num_sinks + r.sep_cap + r.window + self.max_num_scheduled_tokens
-            )
+        cap = self.sepllm_config.max_cache_tokens
+        if cap is not None:
+            self.sepllm_manager.admission_token_cap = cap + self.max_num_scheduled_tokens
         # Counter increments since the last make_stats (vllm:sepllm_*, metrics.py).
         self.sepllm_stats = SepLLMStepStats()
         # per request: [blocks freed by compaction, compactions], reported at finish
