@@ -3,18 +3,22 @@
 #   bash benchmarks/h200_run.sh STEP...      (logs and JSON under $OUT; see benchmarks/README.md)
 # Steps: ktests (GPU kernel tests), kbench (kernel benchmarks), w0|w1|w2 (throughput pairs,
 # FLASH_ATTN vs SEPLLM), w0x2|w1x2|w2x2 (the pair's two engines at once, one per GPU, on the
-# 2-GPU machine), cli (serve + chat + bench through vLLM's CLI), tp2 (tensor parallel 2).
+# 2-GPU machine), cli (serve + chat + bench through vLLM's CLI), tp2 (tensor parallel 2 token
+# check), w1tp2 (W1 pair at tensor parallel 2), stream_gpu1 (the 4M-token PE-shift stream on GPU 1,
+# in the background; wait_bg waits), agree (vllm bench vs throughput.py, GPU 0).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git_commit=$(cat .commit 2>/dev/null || echo unknown)
 source .gpu/boot.sh
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 t0=$(date +%s)
-(MAX_JOBS=16 python3 setup.py -q build_ext --inplace) > "$OUT/build.log" 2>&1 || tail -20 "$OUT/build.log"
+# Set-up logs stay on the machine unless something failed ($OUT returns only a few files).
+(MAX_JOBS=16 python3 setup.py -q build_ext --inplace) > /tmp/build.log 2>&1 \
+  || { tail -20 /tmp/build.log; cp /tmp/build.log "$OUT/"; }
 export VLLM_SEPLLM_SKIP_CUDA_BUILD=1 SEPLLM_COMMIT=$git_commit
-source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
+source benchmarks/gpu_setup.sh > /tmp/setup.log 2>&1 || cp /tmp/setup.log "$OUT/"
 cp vllm_sepllm/_C*.so /tmp/site/vllm_sepllm/ 2>/dev/null
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus.csv"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 echo "setup done in $(( $(date +%s) - t0 )) s"
 export NCCL_NVLS_ENABLE=0 NCCL_CUMEM_ENABLE=0
 
@@ -56,7 +60,8 @@ for step in "$@"; do
        timeout ${KBENCH_S:-150} python3 benchmarks/kernels.py --only ${KBENCH_ONLY:-prefill decode} \
          --out "$OUT/h200_kernels.json" > "$OUT/kernels.log" 2>&1; echo "kbench rc=$?" >> "$OUT/kernels.log") &
       bg=$! ;;
-    wait_bg) wait ${bg:-}; tail -5 "$OUT/kernel_tests.log"; tail -30 "$OUT/kernels.log" ;;
+    wait_bg) wait ${bg:-}; for f in kernel_tests.log kernels.log stream.log; do
+               [ -f "$OUT/$f" ] && { echo "--- $f"; tail -30 "$OUT/$f"; }; done ;;
     w0x2) pair_x2 W0 ${W_S:-400} FLASH_ATTN SEPLLM:a4s64w256 ;;
     w1x2) pair_x2 W1 ${W_S:-480} FLASH_ATTN SEPLLM:a4s64w256 ;;
     w2x2) pair_x2 W2 ${W_S:-480} FLASH_ATTN SEPLLM:a4s64w256 ${W2_MORE:-} ;;
@@ -68,6 +73,19 @@ for step in "$@"; do
             > "$OUT/prof.log" 2>&1; echo "prof rc=$?"
           rm -f "$OUT/prof.log"
           head -60 "$OUT/h200_profile.txt" ;;
+    w1tp2) timeout ${W_S:-560} python3 benchmarks/throughput.py --workload W1 --tensor-parallel-size 2 \
+             --runs FLASH_ATTN SEPLLM:a4s64w256 --no-progress --out "$OUT/h200x2_w1_tp2.json" > "$OUT/w1tp2.log" 2>&1
+           echo "w1tp2 rc=$?"
+           grep -v "Capturing CUDA graphs\|it/s\]" "$OUT/w1tp2.log" | tail -300 > "$OUT/w1tp2.log.tmp"; mv "$OUT/w1tp2.log.tmp" "$OUT/w1tp2.log"
+           tail -12 "$OUT/w1tp2.log" ;;
+    stream_gpu1)  # SIGTERM at the limit: stream.py writes what it measured so far
+      (CUDA_VISIBLE_DEVICES=1 timeout -s TERM ${STREAM_S:-540} python3 benchmarks/stream.py \
+         --tokens ${STREAM_TOKENS:-4194304} --tokenizer-dir .gpu/tok --out "$OUT/h200_stream_4m.json" \
+         > /tmp/stream.log 2>&1; echo "stream rc=$?" >> /tmp/stream.log
+       grep -v "it/s\]" /tmp/stream.log | tail -150 > "$OUT/stream.log") &
+      bg=$! ;;
+    agree) CUDA_VISIBLE_DEVICES=0 timeout ${AGREE_S:-500} bash benchmarks/bench_agree.sh "$OUT" > "$OUT/agree.log" 2>&1
+           echo "agree rc=$?"; tail -30 "$OUT/agree.log" ;;
     cli) timeout ${CLI_S:-300} bash benchmarks/gpu_cli_check.sh "$OUT/cli" > "$OUT/cli.log" 2>&1; echo "cli rc=$?"; tail -20 "$OUT/cli.log" ;;
     *) echo "unknown step $step" ;;
   esac

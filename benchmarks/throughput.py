@@ -233,6 +233,8 @@ def run_one(args: argparse.Namespace) -> dict:
         kwargs["enforce_eager"] = True
     if args.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
@@ -294,6 +296,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "replay_exact": (round(sum(o == c for o, c in zip(out_ids, conts)) / n, 4)
                          if replay else None),
         "max_num_seqs": args.max_num_seqs, "dtype": args.dtype,
+        "tensor_parallel_size": args.tensor_parallel_size,
         "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
     }
     record.update(environment())
@@ -301,6 +304,8 @@ def run_one(args: argparse.Namespace) -> dict:
     if hbm is None and record["gpu"] != "cpu":
         hbm, tflops = H200_HBM_TBPS, tflops or H200_BF16_TFLOPS
     if hbm and tflops:
+        # TP=k: k GPUs, each reads 1/k of the weights and KV and does 1/k of the FLOPs.
+        hbm, tflops = hbm * args.tensor_parallel_size, tflops * args.tensor_parallel_size
         shape = model_bytes_and_flops(json.loads((Path(args.model) / "config.json").read_text()))
         batch = max(1, min(n, args.max_num_seqs, max_concurrency))
         roof = roofline(shape, n, plen, olen, retained, kv_retained, batch, hbm, tflops)
@@ -395,6 +400,8 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.0)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="vLLM tensor parallelism (the roofline counts that many GPUs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts", default="real-text", choices=["real-text", "vllm-random"],
                    help="real-text (default): cut from public-domain text, outputs replayed; "
