@@ -73,6 +73,36 @@ def test_worker_stats_ride_the_model_output():
     assert attach_worker_stats(None, timer) is None
 
 
+@pytest.mark.gpu
+def test_cuda_compaction_timer_taken_from_another_thread():
+    """vLLM fetches async model outputs (and so ``take()``s the timer) on another thread; one
+    ``take()`` between ``start()`` and ``stop()`` crashed TP=2 W1 on the H200 ('Both events
+    must be recorded'): an unrecorded end event queries as complete."""
+    import threading
+
+    from vllm_sepllm.metrics import CompactionTimer
+
+    timer = CompactionTimer(torch.device("cuda"))
+    x = torch.randn(2048, 2048, device="cuda")
+    reference_start = torch.cuda.Event(enable_timing=True)
+    reference_end = torch.cuda.Event(enable_timing=True)
+    taken = []
+    reference_start.record()
+    timer.start()
+    worker = threading.Thread(target=lambda: taken.append(timer.take()))
+    worker.start()
+    worker.join()
+    for _ in range(20):
+        x = x @ x / 2048
+    timer.stop()
+    reference_end.record()
+    torch.cuda.synchronize()
+    assert taken == [0.0]
+    seconds = timer.take()
+    assert 0 < seconds <= reference_start.elapsed_time(reference_end) / 1000.0 + 1e-4
+    assert timer.take() == 0.0
+
+
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("metrics") / "server.log"

@@ -36,6 +36,7 @@ After a drain, ``kv_blocks_used`` and ``num_requests`` are 0 (a leak shows here)
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import torch
@@ -102,38 +103,43 @@ class CompactionTimer:
     CPU: host time around the (synchronous) copy. CUDA: an event pair around the launch on the
     current stream; elapsed times are read only once the end event has completed (``query()``
     never blocks), so a measurement is reported with the step that first finds it done.
+    ``take()`` may run on another thread than ``start``/``stop`` (vLLM fetches async model
+    outputs on a worker thread), so a pair is queued only after its end event is recorded (an
+    unrecorded event's ``query()`` is True) and the queue is guarded by a lock.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.seconds = 0.0
+        self._lock = threading.Lock()
         self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._start: torch.cuda.Event | None = None
         self._t0 = 0.0
 
     def start(self) -> None:
         if self.cuda:
-            self._fold()
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-            self._pending.append((start, torch.cuda.Event(enable_timing=True)))
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
         else:
             self._t0 = time.perf_counter()
 
     def stop(self) -> None:
         if self.cuda:
-            self._pending[-1][1].record()
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            with self._lock:
+                self._pending.append((self._start, end))
         else:
-            self.seconds += time.perf_counter() - self._t0
-
-    def _fold(self) -> None:
-        while self._pending and self._pending[0][1].query():
-            start, end = self._pending.pop(0)
-            self.seconds += start.elapsed_time(end) / 1000.0
+            with self._lock:
+                self.seconds += time.perf_counter() - self._t0
 
     def take(self) -> float:
         """Seconds measured (and completed) since the previous call."""
-        self._fold()
-        seconds, self.seconds = self.seconds, 0.0
+        with self._lock:
+            while self._pending and self._pending[0][1].query():
+                start, end = self._pending.pop(0)
+                self.seconds += start.elapsed_time(end) / 1000.0
+            seconds, self.seconds = self.seconds, 0.0
         return seconds
 
 
