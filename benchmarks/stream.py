@@ -129,8 +129,9 @@ def plot(result: dict, out: Path) -> None:
     ax2.set_xlabel("tokens streamed (millions)")
     ax2.set_ylabel("GiB")
     ax2b.set_ylabel("KV blocks")
-    ax2.set_ylim(bottom=0)
-    ax2b.set_ylim(bottom=0)
+    # Headroom above the flat lines (they would sit on the frame).
+    ax2.set_ylim(0, 1.2 * max(s[key] for s in xs) / 1024)
+    ax2b.set_ylim(0, 2 * max(s["kv_blocks_used"] for s in xs))  # the lines apart
     h1, l1 = ax2.get_legend_handles_labels()
     h2, l2 = ax2b.get_legend_handles_labels()
     ax2.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower right")
