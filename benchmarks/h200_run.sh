@@ -5,7 +5,8 @@
 # FLASH_ATTN vs SEPLLM), w0x2|w1x2|w2x2 (the pair's two engines at once, one per GPU, on the
 # 2-GPU machine), cli (serve + chat + bench through vLLM's CLI), tp2 (tensor parallel 2 token
 # check), w1tp2 (W1 pair at tensor parallel 2), stream_gpu1 (the 4M-token PE-shift stream on GPU 1,
-# in the background; wait_bg waits), agree (vllm bench vs throughput.py, GPU 0).
+# in the background; wait_bg waits), agree (vllm bench vs throughput.py, GPU 0), pytest (GPU tests,
+# PYTEST_ARGS).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git_commit=$(cat .commit 2>/dev/null || echo unknown)
@@ -49,6 +50,8 @@ for step in "$@"; do
     ktests) timeout ${KTESTS_S:-200} python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -m gpu \
               -k "${KTESTS_K:-padded or cuda_graph or kv_write or (test_prefill and not interp)}" \
               > "$OUT/kernel_tests.log" 2>&1; echo "ktests rc=$?"; tail -5 "$OUT/kernel_tests.log" ;;
+    pytest) timeout ${PYTEST_S:-200} python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:--m gpu tests} \
+              > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; tail -5 "$OUT/pytest.log" ;;
     kbench) timeout ${KBENCH_S:-150} python3 benchmarks/kernels.py --only ${KBENCH_ONLY:-prefill decode} \
               --out "$OUT/h200_kernels.json" > "$OUT/kernels.log" 2>&1; echo "kbench rc=$?"; tail -30 "$OUT/kernels.log" ;;
     w0) pair W0 ${W_S:-400} FLASH_ATTN SEPLLM:a4s64w256 ;;

@@ -230,7 +230,7 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
             q0, q1 = qsl[b], qsl[b + 1]
             slots = cache_slots(cm.block_table_tensor[b], cache_lens[b], self.block_size)
             mask = sepllm_mask(cm.positions[q0:q1], state.slot_pos[slots],
-                               state.slot_sep[slots], state.row_retention[b])
+                               state.slot_sep[slots], state.row_retention(b))
             prefills.append(PrefillRow(q0, q1, slots, mask))
 
         rows = torch.tensor(decode_idx, dtype=torch.int64)
@@ -322,7 +322,7 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         qsl_p = to_device(torch.tensor(starts, dtype=torch.int32), device)
         positions = cm.positions[tokens]
         meta = prefill_key_meta(state.slot_pos, state.slot_sep, block_table, lens, qsl_p,
-                                positions, [state.row_retention[b] for b in rows],
+                                positions, [state.row_retention(b) for b in rows],
                                 self.block_size, max_cache_len=max(cache_lens[b] for b in rows))
         return TritonPrefill(tokens, block_table, lens, qsl_p, positions, meta, max(qlens))
 

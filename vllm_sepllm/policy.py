@@ -86,16 +86,22 @@ def retained_positions(token_ids: Sequence[int], n: int, sep_ids: Collection[int
 class Compaction:
     """What one :meth:`RequestCache.advance` did.
 
-    ``moves``: ``(src, dst)`` cache-index pairs, ``src >= new_len > dst``; sources and
-    destinations are disjoint, so all moves may run at once. ``num_evicted``: tokens dropped.
+    ``src[i] -> dst[i]``: cache-index moves, ``src >= new_len > dst``; sources and destinations
+    are disjoint, so all moves may run at once. ``num_evicted``: tokens dropped.
     """
 
-    moves: list[tuple[int, int]]
+    src: list[int]
+    dst: list[int]
     num_evicted: int
+
+    @property
+    def moves(self) -> list[tuple[int, int]]:
+        """``(src, dst)`` pairs (for reading; the scheduler ships ``src``/``dst`` as they are)."""
+        return list(zip(self.src, self.dst))
 
 
 #: The no-op result (shared; callers only read it).
-_NOTHING = Compaction((), 0)
+_NOTHING = Compaction([], [], 0)
 
 
 class RequestCache:
@@ -131,55 +137,73 @@ class RequestCache:
     def advance(self, n: int, token_ids: Sequence[int]) -> Compaction:
         """Record that positions ``< n`` are computed, evict what query ``n`` cannot see and
         compact. ``token_ids`` must hold (at least) the ids of positions ``< n - w + 1``."""
+        slots, index = self.slots, self.index
         if n < self.num_computed:
             raise ValueError(
                 f"RequestCache.advance: n={n} is below num_computed={self.num_computed}"
             )
         for p in range(self.num_computed, n):
-            self.index[p] = len(self.slots)
-            self.slots.append(p)
+            index[p] = len(slots)
+            slots.append(p)
         self.num_computed = n
 
         r = self.retention
         window_start = n - r.window + 1
-        if window_start <= self.frontier:
+        frontier = self.frontier
+        if window_start <= frontier:
             return _NOTHING
         if window_start > len(token_ids):
             raise RuntimeError(
                 f"sepllm: token id of position {len(token_ids)} is not known yet "
                 f"(window start {window_start}); window too small for async scheduling"
             )
-        holes: list[int] = []
-        for p in range(self.frontier, window_start):
-            if token_ids[p] in self.sep_ids:
-                self.seps.append(p)
-                if r.sep_cap is not None and len(self.seps) > r.sep_cap:
-                    holes.append(self.index.pop(self.seps.popleft()))
-            else:
-                holes.append(self.index.pop(p))
         self.frontier = window_start
+        seps, sep_ids, cap = self.seps, self.sep_ids, r.sep_cap
+        if window_start == frontier + 1:  # steady decode: one token leaves the window
+            if token_ids[frontier] in sep_ids:
+                seps.append(frontier)
+                if cap is None or len(seps) <= cap:
+                    return _NOTHING
+                hole = index.pop(seps.popleft())
+            else:
+                hole = index.pop(frontier)
+            return self._fill_one(hole)
+        holes: list[int] = []
+        for p in range(frontier, window_start):
+            if token_ids[p] in sep_ids:
+                seps.append(p)
+                if cap is not None and len(seps) > cap:
+                    holes.append(index.pop(seps.popleft()))
+            else:
+                holes.append(index.pop(p))
         if not holes:
             return _NOTHING
+        if len(holes) == 1:
+            return self._fill_one(holes[0])
         self.num_evicted += len(holes)
-        if len(holes) == 1:  # steady decode: one token leaves the window each step
-            hole, last = holes[0], len(self.slots) - 1
-            pos = self.slots.pop()
-            if hole == last:
-                return Compaction([], 1)
-            self.slots[hole] = pos
-            self.index[pos] = hole
-            return Compaction([(last, hole)], 1)
-        return Compaction(self._fill_holes(holes), len(holes))
+        return self._fill_holes(holes)
 
-    def _fill_holes(self, holes: list[int]) -> list[tuple[int, int]]:
-        new_len = len(self.slots) - len(holes)
+    def _fill_one(self, hole: int) -> Compaction:
+        """One hole: the last slot moves into it (unless it is the last slot)."""
+        self.num_evicted += 1
+        slots = self.slots
+        last = len(slots) - 1
+        pos = slots.pop()
+        if hole == last:
+            return Compaction([], [], 1)
+        slots[hole] = pos
+        self.index[pos] = hole
+        return Compaction([last], [hole], 1)
+
+    def _fill_holes(self, holes: list[int]) -> Compaction:
+        slots = self.slots
+        new_len = len(slots) - len(holes)
         hole_set = set(holes)
-        low_holes = sorted(h for h in holes if h < new_len)
-        tail_live = [i for i in range(new_len, len(self.slots)) if i not in hole_set]
-        moves = list(zip(tail_live, low_holes))
-        for src, dst in moves:
-            pos = self.slots[src]
-            self.slots[dst] = pos
-            self.index[pos] = dst
-        del self.slots[new_len:]
-        return moves
+        dst = sorted(h for h in holes if h < new_len)
+        src = [i for i in range(new_len, len(slots)) if i not in hole_set]
+        for s, d in zip(src, dst):
+            pos = slots[s]
+            slots[d] = pos
+            self.index[pos] = d
+        del slots[new_len:]
+        return Compaction(src, dst, len(holes))

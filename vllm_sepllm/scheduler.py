@@ -32,13 +32,14 @@ PLAN_ATTR = "sepllm_plan"
 class StepPlan:
     """What the workers must know about SepLLM for one step.
 
-    ``rows``: for every scheduled request, ``(D, a, s, w)``: tokens dropped so far (new tokens
-    go to cache index ``position - D``) and the retention its attention mask uses.
+    For every scheduled request: ``dropped``, tokens dropped so far ``D`` (new tokens go to
+    cache index ``position - D``), and ``retention``, what its attention mask keeps.
     ``compactions``: for each request compacted this step, ``(src, dst, num_blocks)``: cache
     indices to move (all at once) and how many of its blocks it keeps.
     """
 
-    rows: dict[str, tuple[int, int, int | None, int]]
+    dropped: dict[str, int]
+    retention: dict[str, Retention]
     compactions: dict[str, tuple[list[int], list[int], int]]
 
 
@@ -92,36 +93,39 @@ class _SepLLMSchedulerMixin:
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
+        # Runs for every running request every step: kept lean (one dict lookup for the
+        # retention, the moves as the policy made them).
         t0 = time.perf_counter()
         compactions: dict[str, tuple[list[int], list[int], int]] = {}
         mgr = self.sepllm_manager
         stats = self.sepllm_stats
         counts = self._sepllm_request_counts
+        retentions = self._sepllm_retention
+        sep_ids = self.sepllm_sep_ids
         for request in self.running:
             n = request.num_computed_tokens
             if n == 0:
                 continue
+            rid = request.request_id
             freed_before = mgr.num_blocks_freed
-            comp = mgr.evict(request.request_id, n, request.all_token_ids,
-                             self._retention_of(request), self.sepllm_sep_ids)
+            comp = mgr.evict(rid, n, request.all_token_ids,
+                             retentions.get(rid) or self._retention_of(request), sep_ids)
             if comp.num_evicted:
                 freed = mgr.num_blocks_freed - freed_before
                 stats.evicted_tokens += comp.num_evicted
-                stats.freed_blocks += freed
-                counts.setdefault(request.request_id, [0, 0])[0] += freed
-                src = [s for s, _ in comp.moves]
-                dst = [d for _, d in comp.moves]
-                compactions[request.request_id] = (
-                    src, dst, len(mgr.req_to_blocks[request.request_id]))
+                if freed:
+                    stats.freed_blocks += freed
+                    counts.setdefault(rid, [0, 0])[0] += freed
+                compactions[rid] = (comp.src, comp.dst, len(mgr.req_to_blocks[rid]))
         stats.eviction_seconds += time.perf_counter() - t0
 
         output = super().schedule(*args, **kwargs)
 
-        rows = {}
-        for req_id in output.num_scheduled_tokens:
-            request = self.requests[req_id]
-            r = self._retention_of(request)
-            rows[req_id] = (mgr.num_dropped(req_id), r.num_sinks, r.sep_cap, r.window)
+        scheduled = output.num_scheduled_tokens
+        num_dropped = mgr.num_dropped
+        dropped = {rid: num_dropped(rid) for rid in scheduled}
+        retention = {rid: retentions.get(rid) or self._retention_of(self.requests[rid])
+                     for rid in scheduled}
         # A request preempted by this very schedule() lost its blocks: drop its moves.
         compactions = {
             rid: c for rid, c in compactions.items()
@@ -131,8 +135,8 @@ class _SepLLMSchedulerMixin:
         for rid, (src, _, _) in compactions.items():
             stats.compactions += 1
             stats.moved_tokens += len(src)
-            counts[rid][1] += 1
-        setattr(output, PLAN_ATTR, StepPlan(rows=rows, compactions=compactions))
+            counts.setdefault(rid, [0, 0])[1] += 1
+        setattr(output, PLAN_ATTR, StepPlan(dropped, retention, compactions))
         return output
 
     # ------------------------------------------------------------------ metrics

@@ -44,7 +44,7 @@ class SepLLMWorkerState:
         slot_sep: [num_slots] bool, whether that token is a separator.
         sep_table: [vocab] bool, separator lookup by token id.
         row_dropped_cpu: [max_num_reqs] int32, ``D`` of each persistent-batch row this step.
-        row_retention: Retention of each row this step.
+        row_req_ids: request id of each row this step (:meth:`row_retention`).
     """
 
     current: SepLLMWorkerState | None = None
@@ -64,7 +64,7 @@ class SepLLMWorkerState:
         self.row_dropped_cpu = torch.zeros(max_num_reqs, dtype=torch.int32,
                                            pin_memory=device.type == "cuda")
         self.row_dropped = torch.zeros(max_num_reqs, dtype=torch.int32, device=device)
-        self.row_retention: list[Retention] = []
+        self.row_req_ids: list[str] = []
         self.compaction_timer = CompactionTimer(device)
         # PE shift (rope_shift.py): RoPE position of the key in each slot, requests whose
         # keys need re-rotation, this step's RoPE positions of the new tokens.
@@ -81,6 +81,10 @@ class SepLLMWorkerState:
         self.slot_rope0 = torch.empty(0, dtype=torch.int32, device=device)
         self.origin_pending: torch.Tensor | None = None
 
+    def row_retention(self, row: int) -> Retention:
+        """Retention of a persistent-batch row this step (the backend asks for prefill rows)."""
+        return self.retention.get(self.row_req_ids[row], _NO_RETENTION)
+
     def allocate_slots(self, num_slots: int) -> None:
         self.slot_pos = torch.full((num_slots,), -1, dtype=torch.int32, device=self.device)
         self.slot_sep = torch.zeros(num_slots, dtype=torch.bool, device=self.device)
@@ -96,9 +100,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _retention(row: tuple[int, int, int | None, int]) -> Retention:
-    _, a, s, w = row
-    return Retention(num_sinks=a, sep_cap=s, window=w)
+#: Retention of a row without a SepLLM record (sees everything).
+_NO_RETENTION = Retention(0, None, FULL_WINDOW)
 
 
 class SepLLMRunnerMixin:
@@ -182,9 +185,8 @@ class SepLLMRunnerMixin:
                 self._sepllm_compact(plan)
                 if state.pe_shift:
                     state.rerotate.update(plan.compactions)
-            for req_id, row in plan.rows.items():
-                state.dropped[req_id] = row[0]
-                state.retention[req_id] = _retention(row)
+            state.dropped.update(plan.dropped)
+            state.retention.update(plan.retention)
         return super()._update_states(scheduler_output)
 
     def _sepllm_compact(self, plan: StepPlan) -> None:
@@ -234,9 +236,7 @@ class SepLLMRunnerMixin:
         req_ids = self.input_batch.req_ids
         dropped = state.row_dropped_cpu
         dropped.numpy()[:num_reqs] = [state.dropped.get(r, 0) for r in req_ids[:num_reqs]]
-        state.row_retention = [
-            state.retention.get(r, Retention(0, None, FULL_WINDOW)) for r in req_ids
-        ]
+        state.row_req_ids = req_ids
         state.row_dropped[:num_reqs].copy_(dropped[:num_reqs], non_blocking=True)
         row_dropped = state.row_dropped[:num_reqs]
 
