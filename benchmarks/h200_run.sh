@@ -6,7 +6,7 @@
 # 2-GPU machine), cli (serve + chat + bench through vLLM's CLI), tp2 (tensor parallel 2 token
 # check), w1tp2 (W1 pair at tensor parallel 2), stream_gpu1 (the 4M-token PE-shift stream on GPU 1,
 # in the background; wait_bg waits), agree (vllm bench vs throughput.py, GPU 0), pytest (GPU tests,
-# PYTEST_ARGS).
+# PYTEST_ARGS), timeline_x2 (decode-step timeline, FLASH_ATTN vs SEPLLM, profile_step.py --timeline).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git_commit=$(cat .commit 2>/dev/null || echo unknown)
@@ -89,6 +89,14 @@ for step in "$@"; do
       bg=$! ;;
     agree) CUDA_VISIBLE_DEVICES=0 timeout ${AGREE_S:-500} bash benchmarks/bench_agree.sh "$OUT" > "$OUT/agree.log" 2>&1
            echo "agree rc=$?"; tail -30 "$OUT/agree.log" ;;
+    timeline_x2)  # one W2-like decode step's CPU + GPU timeline, FLASH_ATTN (GPU 0) vs SEPLLM (GPU 1)
+      for g in 0 1; do
+        b=$([ $g = 0 ] && echo FLASH_ATTN || echo SEPLLM)
+        CUDA_VISIBLE_DEVICES=$g timeout ${TL_S:-300} python3 benchmarks/profile_step.py --backend $b --timeline 20 \
+          --num-requests 512 --prompt-len 1024 --output-len 512 --out "$OUT/h200_timeline_${b,,}.txt" \
+          > /tmp/timeline_$g.log 2>&1 &
+      done
+      wait; head -3 "$OUT"/h200_timeline_*.txt ;;
     cli) timeout ${CLI_S:-300} bash benchmarks/gpu_cli_check.sh "$OUT/cli" > "$OUT/cli.log" 2>&1; echo "cli rc=$?"; tail -20 "$OUT/cli.log" ;;
     *) echo "unknown step $step" ;;
   esac

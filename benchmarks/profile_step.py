@@ -1,7 +1,10 @@
-"""Where the host time of a SEPLLM engine step goes: cProfile of an in-process engine.
+"""Where the time of an engine step goes: cProfile, or a CPU + GPU timeline of decode steps.
 
     python3 benchmarks/profile_step.py --num-requests 512 --prompt-len 1024 --output-len 256 \\
         --out /tmp/profile.txt
+    # steady decode steps (all requests prefilled): wall time per step without a profiler, then
+    # torch.profiler over N steps: GPU kernel time per step and the top ops on both sides
+    python3 benchmarks/profile_step.py --timeline 20 --backend FLASH_ATTN --out /tmp/fa.txt
 
 Runs the engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so one cProfile
 sees scheduler, model runner and attention-metadata builder. Same prompts, replay
@@ -34,6 +37,9 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--model", default=None, help="HF folder (default: Llama-3-8B shape, dummy)")
     p.add_argument("--top", type=int, default=70)
+    p.add_argument("--timeline", type=int, default=0, metavar="N",
+                   help="instead of cProfile: wall time of steady decode steps, then "
+                        "torch.profiler (CPU + CUDA) over N of them")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -68,6 +74,11 @@ def main() -> None:
               for i in range(n)]
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(inputs[:4], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    if args.timeline:
+        text = timeline(llm, inputs, params, args)
+        Path(args.out).write_text(text)
+        print(text[:4000])
+        return
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
@@ -83,6 +94,66 @@ def main() -> None:
     stats.sort_stats("tottime").print_stats(args.top // 2)
     Path(args.out).write_text(buf.getvalue())
     print(buf.getvalue()[:3000])
+
+
+def timeline(llm, inputs, params, args) -> str:
+    """Drive the in-process engine step by step. Once every request is prefilled and decoding:
+    wall time of 2N plain steps, then torch.profiler over N steps (GPU kernel time per step
+    against wall time per step says whether the GPU or the host bounds the step)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.llm_engine
+    sched = engine.engine_core.engine_core.scheduler
+    for i, (inp, par) in enumerate(zip(inputs, params)):
+        engine.add_request(f"t{i}", inp, par)
+
+    def all_decoding() -> bool:
+        return not sched.waiting and all(r.num_computed_tokens >= r.num_prompt_tokens
+                                         for r in sched.running)
+
+    prefill_steps = 0
+    while not all_decoding():
+        engine.step()
+        prefill_steps += 1
+    for _ in range(5):
+        engine.step()
+    n = args.timeline
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(2 * n):
+        engine.step()
+    if cuda:
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / (2 * n)
+    running = len(sched.running)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+    ka = prof.key_averages()
+    # Kernels (device-side events) only: their summed self time is the GPU busy time.
+    gpu_us = sum(e.self_device_time_total for e in ka
+                 if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    lines = [
+        f"{args.backend} {args.num_requests} x ({args.prompt_len} + {args.output_len}), "
+        f"{running} running, {prefill_steps} prefill steps before",
+        f"wall per decode step (no profiler, {2 * n} steps): {wall_ms:.2f} ms",
+        f"GPU kernel time per decode step (profiled, {n} steps): {gpu_us / 1e3 / n:.2f} ms"
+        if cuda else "no CUDA: CPU ops only",
+        "",
+    ]
+    sort_gpu = "self_device_time_total" if cuda else "self_cpu_time_total"
+    lines.append(ka.table(sort_by=sort_gpu, row_limit=args.top // 2, max_name_column_width=60))
+    lines.append(ka.table(sort_by="self_cpu_time_total", row_limit=args.top // 2,
+                          max_name_column_width=60))
+    for rid in list(sched.requests):  # leave nothing running
+        engine.abort_request([rid])
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
