@@ -65,6 +65,10 @@ def rerotation_stats(worker) -> dict:
     return {"seconds": state.rerotate_timer.take(), "keys": state.rerotated_keys}
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 class Sampler(threading.Thread):
     """Reads the in-process scheduler and memory every ``interval`` seconds."""
 
@@ -195,7 +199,7 @@ def main() -> None:
     sampler.samples.append(sampler.sample())
     sampler.start()
     # A `timeout` (SIGTERM) ends the stream early but still writes what was measured.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.perf_counter()
     out, completed = None, True
     try:

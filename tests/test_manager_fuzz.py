@@ -163,17 +163,17 @@ class Fuzzer:
         cache = self.mgr.caches[req.rid]
         self.stats["evict"] += 1
         if already:
-            assert comp.num_evicted == 0 and not comp.moves
+            assert comp.num_evicted == 0 and not comp.src and not comp.dst
         new_len = len(req.kv) - comp.num_evicted
         assert new_len == len(cache)
-        srcs = [s for s, _ in comp.moves]
-        dsts = [d for _, d in comp.moves]
+        srcs, dsts = comp.src, comp.dst
+        assert len(srcs) == len(dsts)
         assert len(set(srcs)) == len(srcs) and len(set(dsts)) == len(dsts)
-        assert all(s >= new_len > d >= 0 for s, d in comp.moves)
+        assert all(s >= new_len > d >= 0 for s, d in zip(srcs, dsts))
         assert all(s < len(req.kv) for s in srcs)
         if comp.num_evicted:
             self.stats["evict_nonempty"] += 1
-            self.stats["moves"] += len(comp.moves)
+            self.stats["moves"] += len(srcs)
             num_blocks = len(self.blocks_of(req))  # what the plan carries
             freed = blocks_before - num_blocks
             assert freed == blocks_before - cdiv(new_len, BLOCK_SIZE)

@@ -76,8 +76,9 @@ def simulate(ids, r, chunks, check_every_step=True):
     for q in chunks:
         comp = cache.advance(n, ids)
         # worker: apply moves (all sources read before any write), then truncate
-        vals = [kv[s] for s, _ in comp.moves]
-        for (_, d), v in zip(comp.moves, vals):
+        assert len(comp.src) == len(comp.dst)
+        vals = [kv[s] for s in comp.src]
+        for d, v in zip(comp.dst, vals):
             kv[d] = v
         del kv[len(cache):]
         if check_every_step:
@@ -92,8 +93,9 @@ def simulate(ids, r, chunks, check_every_step=True):
             kv.append(p)
         n += q
     comp = cache.advance(n, ids)
-    vals = [kv[s] for s, _ in comp.moves]
-    for (_, d), v in zip(comp.moves, vals):
+    assert len(comp.src) == len(comp.dst)
+    vals = [kv[s] for s in comp.src]
+    for d, v in zip(comp.dst, vals):
         kv[d] = v
     del kv[len(cache):]
     assert kv == cache.slots

@@ -79,7 +79,7 @@ class SepLLMManager(FullAttentionManager):
         compaction = cache.advance(num_computed, token_ids)
         if compaction.num_evicted:
             blocks = self.req_to_blocks[request_id]
-            keep = -(-len(cache.slots) // self.block_size)  # cdiv, inlined: once per request a step
+            keep = cdiv(len(cache), self.block_size)
             if keep < len(blocks):
                 tail = blocks[keep:]
                 del blocks[keep:]

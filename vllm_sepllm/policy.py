@@ -94,11 +94,6 @@ class Compaction:
     dst: list[int]
     num_evicted: int
 
-    @property
-    def moves(self) -> list[tuple[int, int]]:
-        """``(src, dst)`` pairs (for reading; the scheduler ships ``src``/``dst`` as they are)."""
-        return list(zip(self.src, self.dst))
-
 
 #: The no-op result (shared; callers only read it).
 _NOTHING = Compaction([], [], 0)
@@ -159,15 +154,6 @@ class RequestCache:
             )
         self.frontier = window_start
         seps, sep_ids, cap = self.seps, self.sep_ids, r.sep_cap
-        if window_start == frontier + 1:  # steady decode: one token leaves the window
-            if token_ids[frontier] in sep_ids:
-                seps.append(frontier)
-                if cap is None or len(seps) <= cap:
-                    return _NOTHING
-                hole = index.pop(seps.popleft())
-            else:
-                hole = index.pop(frontier)
-            return self._fill_one(hole)
         holes: list[int] = []
         for p in range(frontier, window_start):
             if token_ids[p] in sep_ids:
@@ -178,14 +164,13 @@ class RequestCache:
                 holes.append(index.pop(p))
         if not holes:
             return _NOTHING
-        if len(holes) == 1:
-            return self._fill_one(holes[0])
         self.num_evicted += len(holes)
+        if len(holes) == 1:  # steady decode: one token leaves the window each step
+            return self._fill_one(holes[0])
         return self._fill_holes(holes)
 
     def _fill_one(self, hole: int) -> Compaction:
         """One hole: the last slot moves into it (unless it is the last slot)."""
-        self.num_evicted += 1
         slots = self.slots
         last = len(slots) - 1
         pos = slots.pop()

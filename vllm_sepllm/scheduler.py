@@ -93,14 +93,11 @@ class _SepLLMSchedulerMixin:
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
-        # Runs for every running request every step: kept lean (one dict lookup for the
-        # retention, the moves as the policy made them).
         t0 = time.perf_counter()
         compactions: dict[str, tuple[list[int], list[int], int]] = {}
         mgr = self.sepllm_manager
         stats = self.sepllm_stats
         counts = self._sepllm_request_counts
-        retentions = self._sepllm_retention
         sep_ids = self.sepllm_sep_ids
         for request in self.running:
             n = request.num_computed_tokens
@@ -108,8 +105,8 @@ class _SepLLMSchedulerMixin:
                 continue
             rid = request.request_id
             freed_before = mgr.num_blocks_freed
-            comp = mgr.evict(rid, n, request.all_token_ids,
-                             retentions.get(rid) or self._retention_of(request), sep_ids)
+            comp = mgr.evict(rid, n, request.all_token_ids, self._retention_of(request),
+                             sep_ids)
             if comp.num_evicted:
                 freed = mgr.num_blocks_freed - freed_before
                 stats.evicted_tokens += comp.num_evicted
@@ -124,8 +121,7 @@ class _SepLLMSchedulerMixin:
         scheduled = output.num_scheduled_tokens
         num_dropped = mgr.num_dropped
         dropped = {rid: num_dropped(rid) for rid in scheduled}
-        retention = {rid: retentions.get(rid) or self._retention_of(self.requests[rid])
-                     for rid in scheduled}
+        retention = {rid: self._retention_of(self.requests[rid]) for rid in scheduled}
         # A request preempted by this very schedule() lost its blocks: drop its moves.
         compactions = {
             rid: c for rid, c in compactions.items()
