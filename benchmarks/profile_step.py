@@ -96,6 +96,73 @@ def main() -> None:
     print(buf.getvalue()[:3000])
 
 
+#: Host phases timed per decode step in --timeline (inclusive wall time; nested phases overlap:
+#: vLLM's ``Scheduler.schedule`` runs inside SepLLM's, the runner's ``_prepare_inputs`` inside
+#: ``execute_model``). Missing names (the other backend's classes) are skipped.
+PHASES = [
+    "vllm.v1.engine.core:EngineCore.step_with_batch_queue",
+    "vllm.v1.engine.core:EngineCore.step",
+    "vllm_sepllm.scheduler:_SepLLMSchedulerMixin.schedule",
+    "vllm.v1.core.sched.scheduler:Scheduler.schedule",
+    "vllm_sepllm.kv_manager:SepLLMManager.evict",
+    "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
+    "vllm_sepllm.worker:SepLLMRunnerMixin._update_states",
+    "vllm_sepllm.worker:SepLLMRunnerMixin._sepllm_compact",
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
+    "vllm_sepllm.worker:SepLLMRunnerMixin._prepare_inputs",
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs",
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._build_attention_metadata",
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward",
+    "vllm.v1.engine.output_processor:OutputProcessor.process_outputs",
+]
+
+
+class PhaseTimer:
+    """Wrap ``module:Class.method`` names with wall-clock accumulators (seconds, calls)."""
+
+    def __init__(self, names: list[str]) -> None:
+        import importlib
+
+        self.totals: dict[str, list[float]] = {}
+        self._undo = []
+        for name in names:
+            mod, _, attr = name.partition(":")
+            cls_name, _, meth = attr.partition(".")
+            try:
+                cls = getattr(importlib.import_module(mod), cls_name)
+            except (ImportError, AttributeError):
+                continue
+            orig = cls.__dict__.get(meth)
+            if orig is None:
+                continue
+            acc = self.totals.setdefault(attr, [0.0, 0])
+
+            def wrapped(*a, __orig=orig, __acc=acc, **k):
+                t0 = time.perf_counter()
+                try:
+                    return __orig(*a, **k)
+                finally:
+                    __acc[0] += time.perf_counter() - t0
+                    __acc[1] += 1
+
+            setattr(cls, meth, wrapped)
+            self._undo.append((cls, meth, orig))
+
+    def reset(self) -> None:
+        for acc in self.totals.values():
+            acc[0], acc[1] = 0.0, 0
+
+    def restore(self) -> None:
+        for cls, meth, orig in self._undo:
+            setattr(cls, meth, orig)
+
+    def lines(self, steps: int) -> list[str]:
+        return [f"  {name:58} {acc[0] * 1e3 / steps:8.2f} ms/step  ({acc[1]} calls)"
+                for name, acc in self.totals.items() if acc[1]]
+
+
 def timeline(llm, inputs, params, args) -> str:
     """Drive the in-process engine step by step. Once every request is prefilled and decoding:
     wall time of 2N plain steps, then torch.profiler over N steps (GPU kernel time per step
@@ -128,6 +195,17 @@ def timeline(llm, inputs, params, args) -> str:
     if cuda:
         torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1e3 / (2 * n)
+    # The same number of steps again with every host phase timed (adds a few us per call).
+    phases = PhaseTimer(PHASES)
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(2 * n):
+        engine.step()
+    if cuda:
+        torch.cuda.synchronize()
+    phased_ms = (time.perf_counter() - t0) * 1e3 / (2 * n)
+    phases.restore()
     running = len(sched.running)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
@@ -145,6 +223,9 @@ def timeline(llm, inputs, params, args) -> str:
         f"wall per decode step (no profiler, {2 * n} steps): {wall_ms:.2f} ms",
         f"GPU kernel time per decode step (profiled, {n} steps): {gpu_us / 1e3 / n:.2f} ms"
         if cuda else "no CUDA: CPU ops only",
+        f"host phases, inclusive wall time ({2 * n} steps, {phased_ms:.2f} ms per step with "
+        "the timers):",
+        *phases.lines(2 * n),
         "",
     ]
     sort_gpu = "self_device_time_total" if cuda else "self_cpu_time_total"
