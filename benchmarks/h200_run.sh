@@ -66,7 +66,7 @@ for step in "$@"; do
     wait_bg) wait ${bg:-}; for f in kernel_tests.log kernels.log stream.log; do
                [ -f "$OUT/$f" ] && { echo "--- $f"; tail -30 "$OUT/$f"; }; done ;;
     w0x2) pair_x2 W0 ${W_S:-400} FLASH_ATTN SEPLLM:a4s64w256 ;;
-    w1x2) pair_x2 W1 ${W_S:-480} FLASH_ATTN SEPLLM:a4s64w256 ;;
+    w1x2) pair_x2 W1 ${W_S:-480} FLASH_ATTN SEPLLM:a4s64w256 ${W1_MORE:-} ;;
     w2x2) pair_x2 W2 ${W_S:-480} FLASH_ATTN SEPLLM:a4s64w256 ${W2_MORE:-} ;;
     tp2) timeout ${TP_S:-200} python3 benchmarks/tp_check.py --out "$OUT/h200x2_tp2_tokens.json" \
            > "$OUT/tp2.log" 2>&1; echo "tp2 rc=$?"

@@ -174,6 +174,8 @@ def run_engine(args, model: str, runs: list[dict], docs) -> list[dict]:
     if first["backend"] == "SEPLLM":
         kwargs["additional_config"] = {"sepllm": dict(first["sepllm"],
                                                       pe_shift=first["pe_shift"])}
+        if args.separators is not None:
+            kwargs["additional_config"]["sepllm"]["separators"] = args.separators
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     print(f"engine ready in {time.perf_counter() - t0:.0f} s ({first['backend']}, "
@@ -277,6 +279,9 @@ def main() -> None:
     p.add_argument("--kv-bytes", type=int, default=1 << 30)
     p.add_argument("--segment", type=int, default=1024, help="plot: tokens per PPL point")
     p.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--separators", default=None,
+                   help="sepllm.separators for the SEPLLM engines (default: the config's, "
+                        "'.,?!;:' plus space, tab, newline)")
     p.add_argument("--out", default=None, help="JSON path (default: results/cpu_ppl_<suite>)")
     args = p.parse_args()
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # documents pass 8K positions
@@ -321,6 +326,7 @@ def main() -> None:
     result = {"suite": args.suite, "source": source, "model": "SmolLM2-135M-Instruct",
               "max_position_embeddings": native, "chunk": args.chunk, "dtype": args.dtype,
               "docs": [n for n, _ in docs], "summary": rows, "runs": records,
+              "separators": args.separators,
               **environment()}
     out.write_text(json.dumps(result))
     plot(records, rows, native, out.with_suffix(".png"),

@@ -6,7 +6,8 @@
 Each run is a fresh engine in a subprocess (same prompts, same settings, prefix caching off for
 everyone). Prompts are cut from real public-domain text (see common.py), so separators occur at
 natural rates. A run spec is ``BACKEND`` or ``SEPLLM:<config>`` with config ``a4s64w256``
-(sinks, separator cap, window), ``a4sNonew256`` (no cap) or ``stream:a4w256`` (StreamingLLM mode).
+(sinks, separator cap, window), ``a4sNonew256`` (no cap) or ``stream:a4w256`` (StreamingLLM mode),
+each optionally followed by ``cN``: ``sepllm.cache_size`` (batched eviction), e.g. ``a4s64w256c356``.
 
 Decoding replays text (on by default; ``--no-replay`` turns it off): each request emits the real
 text that follows its prompt, forced by the logits processor of replay.py, so generated tokens
@@ -67,12 +68,14 @@ def parse_run(spec: str) -> tuple[str, dict | None, str]:
     mode = "sepllm"
     if cfg.startswith("stream:"):
         mode, cfg = "streamingllm", cfg[len("stream:"):]
-    m = re.fullmatch(r"a(\d+)(?:s(\d+|None))?w(\d+)", cfg)
+    m = re.fullmatch(r"a(\d+)(?:s(\d+|None))?w(\d+)(?:c(\d+))?", cfg)
     if not m:
-        raise SystemExit(f"bad run spec {spec!r}: expected e.g. SEPLLM:a4s64w256")
-    a, s, w = m.groups()
+        raise SystemExit(f"bad run spec {spec!r}: expected e.g. SEPLLM:a4s64w256 or a4s64w256c356")
+    a, s, w, c = m.groups()
     sepllm = {"mode": mode, "num_sinks": int(a), "window": int(w),
               "sep_cap": None if s in (None, "None") else int(s)}
+    if c is not None:
+        sepllm["cache_size"] = int(c)
     if mode == "streamingllm":
         sepllm["sep_cap"] = 0
     return backend, sepllm, cfg if mode == "sepllm" else f"stream:{cfg}"

@@ -13,6 +13,11 @@ Visibility, for token ids ``x[0..L-1]``: query ``t`` sees key ``p`` iff ``p <= t
       ``s=0``: no separators kept).
 
 Modes: ``"sepllm"`` as above, ``"streamingllm"`` with no separators, ``"full"`` plain causal.
+
+Batched eviction (cache size ``c``): the computation runs in steps starting at positions
+``n_0 = 0 < n_1 < ...``. Before step ``n`` the cache holds ``C(n)``: the previous cache plus the
+positions computed since, or, when that is more than ``c`` tokens, only the keys the rule above
+lets query ``n`` see. Query ``t`` of step ``n`` sees ``C(n)`` and positions ``n..t``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,27 @@ def _visible_rows(
         newer = seps_before[np.clip(window_start, 0, n)] - seps_before[None, 1:]
         separator &= newer < s
     return (p <= t) & ((p < a) | (p >= window_start) | separator)
+
+
+def _batched_rows(token_ids: list[int], sep_ids: Iterable[int], a: int, s: int | None, w: int,
+                  c: int, step_starts: list[int], first_query: int) -> np.ndarray:
+    """Visibility under batched eviction (module docstring) for the queries
+    ``first_query..L-1``, the steps starting at ``step_starts`` (ascending, first 0)."""
+    n_tokens = len(token_ids)
+    exact = _visible_rows(token_ids, sep_ids, a, s, w, first_query=0)  # row t: query t
+    keys = np.arange(n_tokens)
+    cache = np.zeros(n_tokens, dtype=bool)
+    rows = np.zeros((n_tokens - first_query, n_tokens), dtype=bool)
+    bounds = [*step_starts, n_tokens]
+    prev = 0
+    for n, nxt in zip(bounds[:-1], bounds[1:]):
+        cache[prev:n] = True
+        if cache.sum() > c:
+            cache = exact[n] & (keys < n)
+        for t in range(max(n, first_query), nxt):
+            rows[t - first_query] = cache | ((keys >= n) & (keys <= t))
+        prev = n
+    return rows
 
 
 def sepllm_mask(token_ids: list[int], sep_ids: Iterable[int], a: int, s: int | None, w: int) -> torch.Tensor:
@@ -97,6 +123,8 @@ def greedy_generate(
     w: int,
     mode: str = "sepllm",
     eos_token_id: int | None = None,
+    cache_size: int | None = None,
+    prefill_chunk: int | None = None,
 ) -> list[int]:
     """Greedy decoding under the SepLLM mask, applied to the prompt and to every generated token.
 
@@ -113,6 +141,9 @@ def greedy_generate(
             (plain causal attention).
         eos_token_id: stop after generating this token (it is included); None: always generate
             ``max_new_tokens`` tokens, like vLLM's ``ignore_eos=True``.
+        cache_size: ``c`` of batched eviction (module docstring); None: the exact rule.
+        prefill_chunk: with ``cache_size``, the prompt's steps are this many tokens (vLLM's
+            chunked prefill of a request running alone); then one step per new token.
 
     Returns:
         the generated token ids only (at most ``max_new_tokens``).
@@ -128,8 +159,14 @@ def greedy_generate(
     tokens = list(prompt_ids)
     generated: list[int] = []
     first_query = 0  # the prompt's queries first, then one query per step
+    chunk = prefill_chunk or len(prompt_ids)
+    prompt_steps = list(range(0, len(prompt_ids), chunk))
     while len(generated) < max_new_tokens:
-        visible = _visible_rows(tokens, sep_ids, a, s, w, first_query)
+        if cache_size is None:
+            visible = _visible_rows(tokens, sep_ids, a, s, w, first_query)
+        else:
+            steps = prompt_steps + list(range(len(prompt_ids), len(tokens)))
+            visible = _batched_rows(tokens, sep_ids, a, s, w, cache_size, steps, first_query)
         logits = model(
             input_ids=torch.tensor([tokens[first_query:]]),
             attention_mask=_additive(visible),

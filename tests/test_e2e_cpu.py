@@ -61,3 +61,38 @@ def test_large_window_equals_default_backend(model_path, prompts):
                     additional_config={"sepllm": {"window": 2048}}) as llm:
         sepllm = greedy_ids(llm, half, NEW_TOKENS)
     assert sepllm == default
+
+
+def test_batched_eviction_equals_hf_oracle(model_path, prompts):
+    """cache_size c (batched eviction, no mask): real eviction, token-exact against the oracle's
+    batched rule. Each prompt runs alone, so vLLM's steps are known: prefill chunks of
+    max_num_batched_tokens (256), then one token a step."""
+    cfg = dict(SEPLLM, cache_size=SEPLLM["num_sinks"] + SEPLLM["sep_cap"] + SEPLLM["window"] + 36)
+    chosen = prompts[::5]
+    got, stats = [], []
+    with llm_engine(model_path, attention_backend="SEPLLM",
+                    additional_config={"sepllm": cfg}) as llm:
+        sep_ids = set(llm.llm_engine.vllm_config.additional_config["sepllm"]["separator_token_ids"])
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        for p in chosen:
+            out = llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)[0]
+            got.append(list(out.outputs[0].token_ids))
+            stats.append(out.kv_transfer_params["sepllm"])
+    # Eviction really ran and the cache stayed within c (+ the last step's token).
+    assert all(s["kv_evicted"] > 0 and s["kv_retained"] <= cfg["cache_size"] + 1 for s in stats)
+    mismatches = []
+    for i, prompt in enumerate(chosen):
+        want = greedy_generate(model_path, prompt, NEW_TOKENS, sep_ids, SEPLLM["num_sinks"],
+                               SEPLLM["sep_cap"], SEPLLM["window"],
+                               cache_size=cfg["cache_size"], prefill_chunk=256)
+        if got[i] != want:
+            first = next(j for j, (a, b) in enumerate(zip(got[i], want)) if a != b)
+            mismatches.append((i, first))
+    assert not mismatches, f"(prompt, first differing token) pairs: {mismatches}"
+    # ... and the batched rule is not the exact one: the oracle tells them apart here.
+    exact = [greedy_generate(model_path, p, NEW_TOKENS, sep_ids, SEPLLM["num_sinks"],
+                             SEPLLM["sep_cap"], SEPLLM["window"]) for p in chosen]
+    assert exact != got

@@ -29,6 +29,7 @@ from kernels.prefill import prefill_key_meta, sepllm_prefill  # noqa: E402
 from vllm_sepllm.policy import Retention, retained_positions  # noqa: E402
 from vllm_sepllm.reference import (  # noqa: E402
     decode_attention,
+    masked_attention,
     move_slots,
     paged_sepllm_attention,
     sepllm_mask,
@@ -184,7 +185,7 @@ def test_interp_decode_padded_rows(num_splits):
 
 
 def _graph_decode_case(kernel):
-    """The backend's uniform-decode path (``SepLLMImpl._uniform_decode``) captured in a CUDA
+    """The backend's uniform-decode path (``SepLLMImpl._plain``) captured in a CUDA
     graph, then replayed after the persistent inputs changed in place (new lengths, pages,
     queries, KV): replay must equal the torch reference of the *new* inputs."""
     from vllm_sepllm.backend import SepLLMImpl, SepLLMMetadata, _flash_attn
@@ -242,11 +243,11 @@ def _graph_decode_case(kernel):
 
     fill([max_len, 3, 300, 1, 19])
     md = metadata(max_len)
-    impl._uniform_decode(q, kv, md, out)  # warm-up (Triton compiles outside the capture)
+    impl._plain(q, kv, md, out)  # warm-up (Triton compiles outside the capture)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        impl._uniform_decode(q, kv, md, out)
+        impl._plain(q, kv, md, out)
     for cache_lens in ([19, 1177, 1, 700, 64], [1, 1, 2, 3, 5]):
         fill(cache_lens)
         metadata(max(cache_lens))  # refreshes the FA3 schedule buffer in place, as build() does
@@ -262,6 +263,61 @@ def _graph_decode_case(kernel):
         ref32 = decode_attention(q[:batch].float(), flat.float(), slots, valid, scale)
         same = decode_attention(q[:batch], flat, slots, valid, scale)
         assert_close_to_fp32(out[:batch], same, ref32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_plain_mixed_step_flash(dtype):
+    """Batched eviction (``cache_size``): a step mixing prefill chunks and decodes runs as one
+    FlashAttention call (``SepLLMImpl._plain``, ``max_query_len > 1``): row b's queries are the
+    last ``q_b`` of its ``L_b`` cache indices, each sees the indices up to its own. Compared
+    with the torch reference of exactly that visibility."""
+    from vllm_sepllm.backend import SepLLMImpl, SepLLMMetadata, _flash_attn
+
+    flash = _flash_attn()
+    if flash is None:
+        pytest.skip("vLLM FlashAttention is not available")
+    num_heads, num_kv_heads, head_size, block_size = 32, 8, 128, 16
+    qlens = [1, 7, 130, 1, 512, 2]
+    lens = [300, 7, 420, 1, 1500, 33]  # cache length after this step's writes
+    gen = torch.Generator().manual_seed(5)
+    max_blocks = -(-max(lens) // block_size)
+    capacity = sum(-(-n // block_size) for n in lens) + 3
+    kv = torch.randn(capacity, block_size, num_kv_heads, 2 * head_size, generator=gen)
+    kv = kv.to("cuda", dtype)
+    perm = (torch.randperm(capacity - 1, generator=gen) + 1).tolist()
+    table = torch.zeros(len(lens), max_blocks, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(lens):
+        pages = -(-n // block_size)
+        table[b, :pages] = torch.tensor(perm[used:used + pages], dtype=torch.int32)
+        used += pages
+    table = table.cuda()
+    qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32,
+                       device="cuda")
+    q = torch.randn(sum(qlens), num_heads, head_size, generator=gen).to("cuda", dtype)
+    out = torch.full_like(q, float("nan"))
+    impl = SepLLMImpl.__new__(SepLLMImpl)
+    impl.num_heads, impl.head_size, impl.num_kv_heads = num_heads, head_size, num_kv_heads
+    impl.scale, impl.flash, impl.decode_kernel = head_size ** -0.5, flash, "flash"
+    md = SepLLMMetadata(
+        num_actual_tokens=q.shape[0], slot_mapping=torch.full((q.shape[0],), -1, device="cuda"),
+        decode_rows=None, decode_block_table=table,
+        decode_cache_lens=torch.tensor(lens, dtype=torch.int32, device="cuda"),
+        decode_max_len=max(lens), decode_slots=None, decode_valid=None, prefills=[],
+        query_start_loc=qsl, num_splits=0, scheduler_metadata=None, max_query_len=max(qlens))
+    impl._plain(q, kv, md, out)
+    torch.cuda.synchronize()
+    flat = kv.view(-1, num_kv_heads, 2 * head_size)
+    for b, (ql, n) in enumerate(zip(qlens, lens)):
+        idx = torch.arange(n, device="cuda")
+        slots = table[b, idx // block_size].long() * block_size + idx % block_size
+        k, v = flat[slots][..., :head_size], flat[slots][..., head_size:]
+        mask = idx[None, :] <= (n - ql + torch.arange(ql, device="cuda"))[:, None]
+        rows = slice(int(qsl[b]), int(qsl[b + 1]))
+        ref32 = masked_attention(q[rows], k, v, mask, impl.scale, upcast=True)
+        same = masked_attention(q[rows], k, v, mask, impl.scale)
+        assert_close_to_fp32(out[rows], same, ref32)
 
 
 @pytest.mark.gpu

@@ -54,6 +54,9 @@ MAX_MODEL_LEN = 480  # < 64 blocks * 16: a request alone always fits the smalles
 # many requests force preemption on allocation failure.
 CASES = [(0, 64, True, 16), (1, 64, False, 24), (2, 80, True, 16), (3, 96, False, 24),
          (4, 128, False, 24), (5, 256, True, 24)]
+#: Batched eviction (``sepllm.cache_size``): (seed, usable blocks, admission gate, max live, c);
+#: c is above every a + s + w that random_retention draws (at most 6 + 8 + 64).
+LAZY_CASES = [(10, 64, True, 16, 80), (11, 128, False, 24, 96)]
 OPS_PER_SEED = 2500
 
 WAITING, RUNNING = "waiting", "running"
@@ -78,7 +81,8 @@ class Req:
 
 
 class Fuzzer:
-    def __init__(self, seed: int, num_usable: int, reserve_full_isl: bool, max_live: int):
+    def __init__(self, seed: int, num_usable: int, reserve_full_isl: bool, max_live: int,
+                 cache_size: int | None = None):
         self.rng = rng = random.Random(seed)
         self.num_usable = num_usable
         # BlockPool takes block 0 as the null block: one more than the usable blocks.
@@ -93,6 +97,7 @@ class Fuzzer:
         )
         assert type(mgr) is SepLLMManager
         self.mgr: SepLLMManager = mgr
+        mgr.cache_size = self.cache_size = cache_size
         self.max_chunk = rng.choice([8, 32, 64, 128])
         # The scheduler sets an admission cap of a + s + w + one chunk when s is not None.
         mgr.admission_token_cap = rng.choice([None, 6 + 8 + 64 + self.max_chunk])
@@ -159,15 +164,27 @@ class Fuzzer:
         cache_before = self.mgr.caches.get(req.rid)
         already = cache_before is not None and cache_before.num_computed == n
         blocks_before = len(self.blocks_of(req))
-        comp = self.mgr.evict(req.rid, n, req.tokens, req.retention, SEP_IDS)
+        slots_before = {i: self.slot(req, i) for i in range(len(req.kv))}
+        slot_moves: tuple[list[int], list[int]] = ([], [])
+        comp = self.mgr.evict(req.rid, n, req.tokens, req.retention, SEP_IDS, slot_moves)
         cache = self.mgr.caches[req.rid]
         self.stats["evict"] += 1
+        if self.cache_size is not None and cache.num_computed != n:
+            # Batched eviction not due: nothing moves while the cache holds at most c tokens.
+            assert comp.num_evicted == 0 and slot_moves == ([], [])
+            assert n - cache.num_dropped == len(req.kv) <= self.cache_size
+            assert len(self.blocks_of(req)) == blocks_before
+            self.stats["evict_deferred"] += 1
+            return
         if already:
             assert comp.num_evicted == 0 and not comp.src and not comp.dst
         new_len = len(req.kv) - comp.num_evicted
         assert new_len == len(cache)
         srcs, dsts = comp.src, comp.dst
         assert len(srcs) == len(dsts)
+        # The moves as the workers get them: physical slots through the block list before
+        # the tail was freed.
+        assert slot_moves == ([slots_before[i] for i in srcs], [slots_before[i] for i in dsts])
         assert len(set(srcs)) == len(srcs) and len(set(dsts)) == len(dsts)
         assert all(s >= new_len > d >= 0 for s, d in zip(srcs, dsts))
         assert all(s < len(req.kv) for s in srcs)
@@ -422,10 +439,11 @@ class Fuzzer:
         self.check()
 
 
-@pytest.mark.parametrize("seed,num_blocks,reserve_full_isl,max_live", CASES)
-def test_manager_invariants_fuzz(seed, num_blocks, reserve_full_isl, max_live):
+@pytest.mark.parametrize("seed,num_blocks,reserve_full_isl,max_live,cache_size",
+                         [(*c, None) for c in CASES] + LAZY_CASES)
+def test_manager_invariants_fuzz(seed, num_blocks, reserve_full_isl, max_live, cache_size):
     t0 = time.perf_counter()
-    f = Fuzzer(seed, num_blocks, reserve_full_isl, max_live)
+    f = Fuzzer(seed, num_blocks, reserve_full_isl, max_live, cache_size)
     num_ops = 0
     for _ in range(OPS_PER_SEED):
         kind = f.op()
@@ -439,6 +457,8 @@ def test_manager_invariants_fuzz(seed, num_blocks, reserve_full_isl, max_live):
     assert s["evict_nonempty"] > 50 and s["moves"] > 0 and s["blocks_freed"] > 0, s
     assert s["finish"] > 0 and s["op_abort"] > 0 and s["preempt"] > 0, s
     assert s["tokens"] > 1_000, s
+    if cache_size is not None:
+        assert s["evict_deferred"] > 100, s
     if num_blocks <= 128:
         assert s["oom"] > 0, s
     OPS_DONE[seed] = num_ops
@@ -449,6 +469,6 @@ def test_manager_invariants_fuzz(seed, num_blocks, reserve_full_isl, max_live):
 def test_fuzz_total_ops():
     """Runs after the cases above (file order): at least 10,000 operations in all."""
     assert len(CASES) * OPS_PER_SEED >= 10_000
-    if len(OPS_DONE) < len(CASES):
+    if len(OPS_DONE) < len(CASES) + len(LAZY_CASES):
         pytest.skip("not every fuzz case ran in this session")
     assert sum(OPS_DONE.values()) >= 10_000

@@ -85,6 +85,27 @@ def test_mask_matches_brute_force_definition(seed):
     assert mask.tolist() == expected
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_batched_rows_match_the_plugin_definition(seed):
+    """Batched eviction: the oracle's rows (written on their own, numpy) agree with the
+    plugin's pure-Python definition (policy.batched_cache): two independent writings."""
+    from tests.oracle_hf import _batched_rows
+    from vllm_sepllm.policy import Retention, batched_cache
+
+    rng = random.Random(100 + seed)
+    x = [rng.choice([SEP, 1, 2, 3]) for _ in range(rng.randint(1, 120))]
+    a, w, s = rng.randint(0, 5), rng.randint(1, 12), rng.choice([0, 1, 2, 5])
+    c = a + s + w + rng.choice([0, 1, 4, 9])
+    starts = sorted({0, *rng.sample(range(1, len(x) + 1), min(len(x), rng.randint(0, 30)))})
+    starts = [n for n in starts if n < len(x)]
+    rows = _batched_rows(x, {SEP}, a, s, w, c, starts, first_query=0)
+    caches = batched_cache(x, starts, {SEP}, Retention(a, s, w), c)
+    bounds = [*starts, len(x)]
+    for n, nxt, cache in zip(bounds[:-1], bounds[1:], caches):
+        for t in range(n, nxt):
+            assert rows[t].nonzero()[0].tolist() == cache + list(range(n, t + 1)), (n, t)
+
+
 # `model_path` (from `smollm2_path()`) and `tokenizer` are session fixtures of conftest.py.
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer) -> list[int]:

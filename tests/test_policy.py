@@ -8,6 +8,7 @@ from vllm_sepllm.policy import (
     FULL_WINDOW,
     RequestCache,
     Retention,
+    batched_cache,
     retained_positions,
     visible,
 )
@@ -118,6 +119,59 @@ def test_random_chunking_matches_definition(seed):
         left -= q
     cache = simulate(ids, r, chunks)
     assert cache.num_evicted == length - len(cache)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_batched_eviction_matches_definition(seed):
+    """cache_size c: the cache (and the worker's dense KV mirror) equals C(n) of the
+    definition at every step start, for any chunking; it never holds more than c between
+    steps once past the first chunk, and it evicts less often than per-step eviction."""
+    rng = random.Random(1000 + seed)
+    length = rng.randint(1, 500)
+    p_sep = rng.choice([0.0, 0.1, 0.3, 1.0])
+    ids = [SEP if rng.random() < p_sep else 0 for _ in range(length)]
+    r = Retention(rng.randint(0, 6), rng.choice([0, 1, 3, 8]), rng.randint(1, 40))
+    c = r.num_sinks + r.sep_cap + r.window + rng.choice([0, 1, 5, 16, 64])
+    starts = [0]
+    while starts[-1] < length:
+        starts.append(min(length, starts[-1] + rng.choice([1, 1, 1, 2, 7, 33, 128])))
+    want = batched_cache(ids, starts, {SEP}, r, c)
+    cache = RequestCache(r, {SEP}, cache_size=c)
+    kv: list[int] = []
+    evictions = 0
+    for n, expect in zip(starts, want):
+        comp = cache.advance(n, ids)
+        evictions += bool(comp.num_evicted)
+        vals = [kv[i] for i in comp.src]
+        for d, v in zip(comp.dst, vals):
+            kv[d] = v
+        del kv[n - cache.num_dropped:]
+        assert sorted(kv) == expect, n
+        assert len(set(kv)) == len(kv)
+        if n > starts[1]:
+            assert len(kv) <= c
+        kv.extend(range(n, n + (starts[starts.index(n) + 1] - n if n < length else 0)))
+    per_step = RequestCache(r, {SEP})
+    per_step_evictions = sum(bool(per_step.advance(n, ids).num_evicted) for n in starts)
+    assert evictions <= per_step_evictions
+
+
+def test_batched_eviction_waits_for_c():
+    """Decode one token a step with c = a + s + w + 16: one eviction every 17 steps or so,
+    and the cache cycles between at most a + s + w and c tokens."""
+    ids = seq("xxx.xx.x,x" * 100)
+    r = Retention(4, 8, 32)
+    c = 4 + 8 + 32 + 16
+    cache = RequestCache(r, {SEP}, cache_size=c)
+    sizes, evictions = [], 0
+    for n in range(1, len(ids) + 1):
+        comp = cache.advance(n, ids)
+        evictions += bool(comp.num_evicted)
+        if comp.num_evicted:
+            assert len(cache) <= 4 + 8 + 32
+        sizes.append(n - cache.num_dropped)
+    assert max(sizes) == c
+    assert len(ids) // 20 <= evictions <= len(ids) // 16
 
 
 def test_decode_steady_state_bounded():

@@ -87,10 +87,12 @@ class SepLLMMetadata:
     path ``decode_slots`` [Bd, Lmax] int64 + ``decode_valid`` [Bd, Lmax] bool.
     Prefill rows (several new tokens) carry their own mask (:class:`PrefillRow`).
 
-    A step whose rows are all decodes (``max_query_len == 1``) on CUDA takes the *uniform
-    decode* form: ``decode_rows`` is None (query i is row i), ``decode_block_table``,
-    ``decode_cache_lens`` and ``query_start_loc`` are the runner's persistent buffers (padded
-    rows: length 0, null block), so the same metadata serves a captured full CUDA graph.
+    A step whose rows are all decodes (``max_query_len == 1``) on CUDA takes the *plain* form:
+    ``decode_rows`` is None (query i is row i), ``decode_block_table``, ``decode_cache_lens``
+    and ``query_start_loc`` are the runner's persistent buffers (padded rows: length 0, null
+    block), so the same metadata serves a captured full CUDA graph. With ``cache_size``
+    (batched eviction, no mask) every step with FlashAttention takes it: causal paged
+    attention of each row's queries (``max_query_len``) over its cache.
     """
 
     num_actual_tokens: int
@@ -108,6 +110,7 @@ class SepLLMMetadata:
     query_start_loc: torch.Tensor | None = None
     num_splits: int | None = None
     scheduler_metadata: torch.Tensor | None = None
+    max_query_len: int = 1
 
 
 def decode_kernel_choice(device: torch.device) -> str:
@@ -185,6 +188,10 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         self.num_heads_kv = model.get_num_kv_heads(parallel)
         self.head_size = model.get_head_size()
         self.max_model_len = model.max_model_len
+        from vllm_sepllm.patches import engine_sepllm_config
+
+        # Batched eviction: no row needs a mask (policy.py), prefill rows included.
+        self.unmasked = engine_sepllm_config(vllm_config).cache_size is not None
         cc = vllm_config.compilation_config
         self.full_graphs = (device.type == "cuda" and self.decode_kernel != "torch"
                             and cc.cudagraph_mode.has_full_cudagraphs())
@@ -210,8 +217,9 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         from vllm_sepllm.worker import SepLLMWorkerState, to_device
 
         cm = common_attn_metadata
-        if cm.max_query_len == 1 and self.decode_kernel != "torch" and cm.num_reqs > 0:
-            return self._build_uniform_decode(cm)
+        if cm.num_reqs > 0 and self.decode_kernel != "torch" and (
+                cm.max_query_len == 1 or (self.unmasked and self.flash is not None)):
+            return self._build_plain(cm)
         state = SepLLMWorkerState.current
         num_reqs = cm.num_reqs
         qsl = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
@@ -261,14 +269,17 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
             triton_prefill=triton_prefill,
         )
 
-    def _build_uniform_decode(self, cm: CommonAttentionMetadata) -> SepLLMMetadata:
-        """All rows decode: persistent buffers only, so a full CUDA graph can replay it.
+    def _build_plain(self, cm: CommonAttentionMetadata) -> SepLLMMetadata:
+        """Every row attends its whole cache causally (all decodes; or any step without masks,
+        FlashAttention only): persistent buffers only, so a full CUDA graph can replay an
+        all-decode step.
 
         Split counts must not depend on this step's lengths (a replay reuses the captured
         launch): under graphs FA3 gets vLLM's split bound and our Triton kernel a count fixed
         by the batch size and ``max_model_len``."""
         num_tokens = cm.num_actual_tokens
-        graphed = self.full_graphs and num_tokens <= self.max_graph_tokens
+        graphed = (self.full_graphs and cm.max_query_len == 1
+                   and num_tokens <= self.max_graph_tokens)
         num_splits = scheduler_metadata = None
         if self.decode_kernel == "flash":
             num_splits = self.flash_graph_splits if graphed else 0
@@ -303,6 +314,7 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
             query_start_loc=cm.query_start_loc,
             num_splits=num_splits,
             scheduler_metadata=scheduler_metadata,
+            max_query_len=cm.max_query_len,
         )
 
     def _build_triton_prefill(self, cm, state, rows: list[int], qsl: list[int],
@@ -438,7 +450,7 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
             return output.fill_(0)
         md = attn_metadata
         if md.decode_rows is None:
-            return self._uniform_decode(query, kv_cache, md, output)
+            return self._plain(query, kv_cache, md, output)
         flat = kv_cache.view(-1, kv_cache.shape[2], kv_cache.shape[3])
         d = self.head_size
         for row in md.prefills:
@@ -464,9 +476,9 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
             output.index_copy_(0, md.decode_rows, out.to(output.dtype))
         return output
 
-    def _uniform_decode(self, query: torch.Tensor, kv_cache: torch.Tensor,
-                        md: SepLLMMetadata, output: torch.Tensor) -> torch.Tensor:
-        """Every row one query over its whole compacted cache, written straight into
+    def _plain(self, query: torch.Tensor, kv_cache: torch.Tensor,
+               md: SepLLMMetadata, output: torch.Tensor) -> torch.Tensor:
+        """Every row's queries over its whole compacted cache (causal), written straight into
         ``output``: no host work, no allocation outside the kernels (CUDA-graph safe)."""
         n = md.num_actual_tokens
         self._paged_decode(query[:n], kv_cache, output[:n], md, md.query_start_loc)
@@ -474,13 +486,15 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
 
     def _paged_decode(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
                       md: SepLLMMetadata, cu_q: torch.Tensor) -> None:
-        """q/out [B, Hq, D], one query per row of ``md.decode_block_table`` /
-        ``decode_cache_lens``, attending the row's whole cache (the compacted cache is exactly
-        the visible set: no mask): vLLM's FlashAttention or our Triton kernel."""
+        """q/out [T, Hq, D], the queries ``cu_q[i]:cu_q[i+1]`` of row i of
+        ``md.decode_block_table`` / ``decode_cache_lens`` (one per row but with
+        ``cache_size``), attending the row's whole cache causally (the compacted cache is
+        exactly the visible set: no mask): vLLM's FlashAttention or our Triton kernel."""
         if self.decode_kernel == "flash":
             key_cache, value_cache = kv_cache.split(self.head_size, dim=-1)
             self.flash.varlen(
-                q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu_q, max_seqlen_q=1,
+                q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu_q,
+                max_seqlen_q=md.max_query_len,
                 seqused_k=md.decode_cache_lens, max_seqlen_k=md.decode_max_len,
                 softmax_scale=self.scale, causal=True, block_table=md.decode_block_table,
                 scheduler_metadata=md.scheduler_metadata, num_splits=md.num_splits or 0,

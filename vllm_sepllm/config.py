@@ -20,6 +20,13 @@ separators             ".,?!;:"   separator characters, plus space, tab and newl
                        + " \\t\\n"
 separator_token_ids    null       explicit separator token ids; overrides derivation from
                                   the tokenizer (see separators.py).
+cache_size             null       c: batched eviction (SepCache's and the official streaming
+                                  code's c). The cache grows to c tokens, then drops to the
+                                  retained a + s + w; queries see the whole cache (plain
+                                  causal attention, no mask: FlashAttention for prefill
+                                  too). null: exact per-step eviction (the training-free
+                                  mask). Needs c >= a + s + w (a + w in streamingllm mode).
+                                  Engine-wide.
 pe_shift               false      positions relative to the cache (the paper's PE shift, see
                                   rope_shift.py): a request can run past the model's
                                   max_position_embeddings. Needs a bounded cache (mode sepllm
@@ -55,6 +62,7 @@ class SepLLMConfig:
     separators: str = DEFAULT_SEPARATORS
     separator_token_ids: tuple[int, ...] | None = None
     pe_shift: bool = False
+    cache_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -76,6 +84,17 @@ class SepLLMConfig:
                     f"got {ids!r}"
                 )
             object.__setattr__(self, "separator_token_ids", tuple(ids))
+        if self.cache_size is not None:
+            _check_int("cache_size", self.cache_size, minimum=1)
+            if self.mode == "full":
+                raise SepLLMConfigError(
+                    f"sepllm.cache_size={self.cache_size} needs an evicting mode; got mode='full'")
+            kept = self.retained_tokens
+            if kept is not None and self.cache_size < kept:
+                raise SepLLMConfigError(
+                    f"sepllm.cache_size={self.cache_size} is below the retained a + s + w = {kept} "
+                    f"(num_sinks={self.num_sinks}, sep_cap={self.sep_cap if self.mode == 'sepllm' else 0}, "
+                    f"window={self.window})")
         if not isinstance(self.pe_shift, bool):
             raise SepLLMConfigError(f"sepllm.pe_shift must be true or false, got {self.pe_shift!r}")
         if self.pe_shift and self.max_cache_tokens is None:
@@ -91,14 +110,22 @@ class SepLLMConfig:
         return self.mode != "full"
 
     @property
-    def max_cache_tokens(self) -> int | None:
-        """``a + s + w``: the most tokens a request keeps between steps (``s = 0`` in
-        streamingllm mode); None when unbounded (mode full, or no separator cap)."""
+    def retained_tokens(self) -> int | None:
+        """``a + s + w``: what eviction keeps (``s = 0`` in streamingllm mode, ``a + w`` with
+        no separator cap, the separators not counted); None in mode full."""
         if self.mode == "full":
             return None
-        if self.mode == "streamingllm":
+        if self.mode == "streamingllm" or self.sep_cap is None:
             return self.num_sinks + self.window
-        return None if self.sep_cap is None else self.num_sinks + self.sep_cap + self.window
+        return self.num_sinks + self.sep_cap + self.window
+
+    @property
+    def max_cache_tokens(self) -> int | None:
+        """The most tokens a request keeps between steps: ``cache_size`` when set, else
+        ``a + s + w``; None when unbounded (mode full, or no separator cap)."""
+        if self.mode == "full" or (self.mode == "sepllm" and self.sep_cap is None):
+            return None
+        return self.cache_size if self.cache_size is not None else self.retained_tokens
 
     @property
     def retention(self) -> "Retention":

@@ -68,18 +68,36 @@ class SepLLMManager(FullAttentionManager):
         self.admission_token_cap: int | None = None
         #: Most blocks each live request has held at once (reported when it finishes).
         self.peak_blocks: dict[str, int] = {}
+        #: ``sepllm.cache_size`` (set by the scheduler): batched eviction, see policy.py.
+        self.cache_size: int | None = None
+        #: Requests whose blocks were released (finish, abort, preemption) since start-up.
+        self.num_released = 0
 
     # -------------------------------------------------------------- SepLLM operations
     def evict(self, request_id: str, num_computed: int, token_ids: Sequence[int],
-              retention: Retention, sep_ids: Collection[int]) -> Compaction:
-        """Evict what the request's next query cannot see, compact, free the tail blocks."""
+              retention: Retention, sep_ids: Collection[int],
+              slot_moves: tuple[list[int], list[int]] | None = None) -> Compaction:
+        """Evict what the request's next query cannot see, compact, free the tail blocks.
+
+        ``slot_moves``: lists to which the moves are appended as physical KV slots
+        (``block_id * block_size + offset``, through the block list *before* the tail is
+        freed: the sources lie in the freed blocks), as the workers apply them.
+        """
         cache = self.caches.get(request_id)
         if cache is None:
-            cache = self.caches[request_id] = RequestCache(retention, sep_ids)
+            cache = self.caches[request_id] = RequestCache(retention, sep_ids,
+                                                           self.cache_size)
         compaction = cache.advance(num_computed, token_ids)
         if compaction.num_evicted:
             blocks = self.req_to_blocks[request_id]
-            keep = cdiv(len(cache), self.block_size)
+            bs = self.block_size
+            if slot_moves is not None and compaction.src:
+                src_slots, dst_slots = slot_moves
+                for i in compaction.src:
+                    src_slots.append(blocks[i // bs].block_id * bs + i % bs)
+                for i in compaction.dst:
+                    dst_slots.append(blocks[i // bs].block_id * bs + i % bs)
+            keep = cdiv(len(cache), bs)
             if keep < len(blocks):
                 tail = blocks[keep:]
                 del blocks[keep:]
@@ -138,6 +156,7 @@ class SepLLMManager(FullAttentionManager):
         # Every way out (finish, abort, preemption, vLLM's deferred free) comes through here.
         self.caches.pop(request_id, None)
         self.peak_blocks.pop(request_id, None)
+        self.num_released += 1
         return super().pop_blocks_for_free(request_id)
 
     def cache_blocks(self, request, num_tokens: int) -> None:  # noqa: ANN001

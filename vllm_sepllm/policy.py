@@ -20,6 +20,16 @@ holds exactly ``R(n) = {p < n : query n sees p}``; the chunk's later queries see
 (``q = 1``) the cache plus the new token is exactly what the query sees, so decode attention
 needs no mask.
 
+Batched eviction (``cache_size``)
+---------------------------------
+With a cache size ``c`` (SepCache's and the official streaming code's ``c``) the cache is
+not cut at every step: it grows by the computed tokens until it holds more than ``c``, and
+only then drops to ``R(n)``. Before computing ``[n, n + q)`` the cache holds ``C(n)``:
+``C(n) = R(n)`` if ``C(prev) + [prev, n)`` holds more than ``c`` tokens, else that union; a
+query ``t`` of the step sees ``C(n)`` and the step's own tokens up to ``t``: plain causal
+attention over the cache, no mask. Per request the eviction work (and the KV moves) come
+once every ``c - |R|`` tokens instead of every step.
+
 Compaction
 ----------
 The cache of a request is a dense array of cache indices ``[0, len)``; index ``i`` holds the
@@ -81,6 +91,23 @@ def retained_positions(token_ids: Sequence[int], n: int, sep_ids: Collection[int
     return head + seps + tail
 
 
+def batched_cache(token_ids: Sequence[int], step_starts: Sequence[int], sep_ids: Collection[int],
+                  r: Retention, cache_size: int) -> list[list[int]]:
+    """``C(n)`` (batched eviction, see the module docstring) at every step start ``n`` of
+    ``step_starts`` (ascending, the first 0): the positions the cache holds, ascending.
+    The definition, O(n) per step."""
+    cache: list[int] = []
+    out = []
+    prev = 0
+    for n in step_starts:
+        cache = cache + list(range(prev, n))
+        if len(cache) > cache_size:
+            cache = retained_positions(token_ids, n, sep_ids, r)
+        out.append(cache)
+        prev = n
+    return out
+
+
 # ------------------------------------------------------------------ incremental cache state
 @dataclasses.dataclass
 class Compaction:
@@ -106,12 +133,15 @@ class RequestCache:
     logical length covered (KV of positions ``< num_computed`` was written or evicted).
     """
 
-    __slots__ = ("retention", "sep_ids", "slots", "index", "frontier", "seps",
+    __slots__ = ("retention", "sep_ids", "cache_size", "slots", "index", "frontier", "seps",
                  "num_computed", "num_evicted")
 
-    def __init__(self, retention: Retention, sep_ids: Collection[int]) -> None:
+    def __init__(self, retention: Retention, sep_ids: Collection[int],
+                 cache_size: int | None = None) -> None:
         self.retention = retention
         self.sep_ids = sep_ids
+        #: ``c``: evict only once the cache holds more than this (None: every step).
+        self.cache_size = cache_size
         self.slots: list[int] = []
         self.index: dict[int, int] = {}
         # Positions in [a, frontier) have been classified (kept as separator or evicted).
@@ -123,20 +153,26 @@ class RequestCache:
 
     @property
     def num_dropped(self) -> int:
-        """``D``: logical tokens minus cached tokens; new token ``p`` goes to index ``p - D``."""
-        return self.num_computed - len(self.slots)
+        """``D``: tokens dropped so far (logical minus cached); new token ``p`` goes to cache
+        index ``p - D``."""
+        return self.num_evicted
 
     def __len__(self) -> int:
         return len(self.slots)
 
     def advance(self, n: int, token_ids: Sequence[int]) -> Compaction:
         """Record that positions ``< n`` are computed, evict what query ``n`` cannot see and
-        compact. ``token_ids`` must hold (at least) the ids of positions ``< n - w + 1``."""
+        compact. ``token_ids`` must hold (at least) the ids of positions ``< n - w + 1``.
+
+        With a ``cache_size`` nothing happens until the cache would hold more than ``c``
+        tokens (``slots`` then catches up on the positions computed meanwhile)."""
         slots, index = self.slots, self.index
         if n < self.num_computed:
             raise ValueError(
                 f"RequestCache.advance: n={n} is below num_computed={self.num_computed}"
             )
+        if self.cache_size is not None and n - self.num_evicted <= self.cache_size:
+            return _NOTHING
         for p in range(self.num_computed, n):
             index[p] = len(slots)
             slots.append(p)

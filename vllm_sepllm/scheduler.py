@@ -32,15 +32,20 @@ PLAN_ATTR = "sepllm_plan"
 class StepPlan:
     """What the workers must know about SepLLM for one step.
 
-    For every scheduled request: ``dropped``, tokens dropped so far ``D`` (new tokens go to
-    cache index ``position - D``), and ``retention``, what its attention mask keeps.
-    ``compactions``: for each request compacted this step, ``(src, dst, num_blocks)``: cache
-    indices to move (all at once) and how many of its blocks it keeps.
+    ``dropped``: tokens dropped so far ``D`` (new tokens go to cache index ``position - D``)
+    of the scheduled requests whose ``D`` changed this step or that start (again) from an
+    empty cache; the workers keep the last value of the others. ``retention``: what the
+    attention mask keeps, for the requests with more than one token this step (decode rows
+    need no mask; none at all with ``cache_size``). ``compactions``: the requests compacted
+    this step and how many blocks each keeps. ``src``/``dst``: the KV moves of all of them,
+    as physical slots, to run at once.
     """
 
     dropped: dict[str, int]
     retention: dict[str, Retention]
-    compactions: dict[str, tuple[list[int], list[int], int]]
+    compactions: dict[str, int]
+    src: list[int]
+    dst: list[int]
 
 
 class _SepLLMSchedulerMixin:
@@ -59,6 +64,8 @@ class _SepLLMSchedulerMixin:
                 f"{[type(m).__name__ for m in managers]}"
             )
         self.sepllm_manager: SepLLMManager = managers[0]
+        # Batched eviction (policy.py): evict only past c tokens; no row needs a mask.
+        self.sepllm_manager.cache_size = self.sepllm_config.cache_size
         cap = self.sepllm_config.max_cache_tokens
         if cap is not None:
             self.sepllm_manager.admission_token_cap = cap + self.max_num_scheduled_tokens
@@ -93,46 +100,68 @@ class _SepLLMSchedulerMixin:
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
+        # Runs for every running request every step: keep it lean (512 requests at ~36 ms a
+        # step on the H200 is host-bound, benchmarks/README.md).
         t0 = time.perf_counter()
-        compactions: dict[str, tuple[list[int], list[int], int]] = {}
         mgr = self.sepllm_manager
+        caches = mgr.caches
         stats = self.sepllm_stats
-        counts = self._sepllm_request_counts
         sep_ids = self.sepllm_sep_ids
+        cache_size = mgr.cache_size
+        src: list[int] = []
+        dst: list[int] = []
+        moves = (src, dst)
+        # request -> (blocks kept, its moves src[i:j], blocks freed)
+        compacted: dict[str, tuple[int, int, int, int]] = {}
+        freed_before = mgr.num_blocks_freed
         for request in self.running:
             n = request.num_computed_tokens
-            if n == 0:
+            if not n:
                 continue
             rid = request.request_id
-            freed_before = mgr.num_blocks_freed
+            if cache_size is not None:
+                cache = caches.get(rid)
+                if cache is not None and n - cache.num_evicted <= cache_size:
+                    continue  # batched eviction: not due yet
+            i = len(src)
+            freed = mgr.num_blocks_freed
             comp = mgr.evict(rid, n, request.all_token_ids, self._retention_of(request),
-                             sep_ids)
+                             sep_ids, moves)
             if comp.num_evicted:
-                freed = mgr.num_blocks_freed - freed_before
                 stats.evicted_tokens += comp.num_evicted
-                if freed:
-                    stats.freed_blocks += freed
-                    counts.setdefault(rid, [0, 0])[0] += freed
-                compactions[rid] = (comp.src, comp.dst, len(mgr.req_to_blocks[rid]))
+                compacted[rid] = (len(mgr.req_to_blocks[rid]), i, len(src),
+                                  mgr.num_blocks_freed - freed)
+        stats.freed_blocks += mgr.num_blocks_freed - freed_before
         stats.eviction_seconds += time.perf_counter() - t0
 
+        released = mgr.num_released
         output = super().schedule(*args, **kwargs)
 
+        if mgr.num_released != released and compacted:
+            # vLLM's schedule() preempted requests (their blocks are gone): drop their moves.
+            compacted = {rid: c for rid, c in compacted.items() if rid in caches}
+            src = [x for _, i, j, _ in compacted.values() for x in moves[0][i:j]]
+            dst = [x for _, i, j, _ in compacted.values() for x in moves[1][i:j]]
+        counts = self._sepllm_request_counts
+        for rid, (_, _, _, freed) in compacted.items():
+            c = counts.get(rid)
+            if c is None:
+                c = counts[rid] = [0, 0]
+            c[0] += freed
+            c[1] += 1
+        stats.compactions += len(compacted)
+        stats.moved_tokens += len(src)
+
         scheduled = output.num_scheduled_tokens
-        num_dropped = mgr.num_dropped
-        dropped = {rid: num_dropped(rid) for rid in scheduled}
-        retention = {rid: self._retention_of(self.requests[rid]) for rid in scheduled}
-        # A request preempted by this very schedule() lost its blocks: drop its moves.
-        compactions = {
-            rid: c for rid, c in compactions.items()
-            if (req := self.requests.get(rid)) is not None
-            and req.status == RequestStatus.RUNNING
-        }
-        for rid, (src, _, _) in compactions.items():
-            stats.compactions += 1
-            stats.moved_tokens += len(src)
-            counts.setdefault(rid, [0, 0])[1] += 1
-        setattr(output, PLAN_ATTR, StepPlan(dropped, retention, compactions))
+        dropped = {rid: caches[rid].num_evicted for rid in compacted}
+        dropped.update((rid, 0) for rid in scheduled if rid not in caches)
+        if cache_size is None:
+            retention = {rid: self._retention_of(self.requests[rid])
+                         for rid, q in scheduled.items() if q > 1}
+        else:
+            retention = {}
+        setattr(output, PLAN_ATTR, StepPlan(
+            dropped, retention, {rid: c[0] for rid, c in compacted.items()}, src, dst))
         return output
 
     # ------------------------------------------------------------------ metrics

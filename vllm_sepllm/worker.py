@@ -191,29 +191,23 @@ class SepLLMRunnerMixin:
 
     def _sepllm_compact(self, plan: StepPlan) -> None:
         """Move the KV of compacted requests and truncate their block lists."""
-        # Steady decode compacts most requests by one slot per step: plain Python ints (numpy's
-        # per-call overhead would dominate the few moves of each request).
-        block_size = self.cache_config.block_size
-        src_slots: list[int] = []
-        dst_slots: list[int] = []
         table = self.input_batch.block_table[0]
-        for req_id, (src, dst, num_blocks) in plan.compactions.items():
+        for req_id, num_blocks in plan.compactions.items():
             req_state = self.requests.get(req_id)
             if req_state is None:
                 continue
             blocks = req_state.block_ids[0]
-            src_slots += [blocks[i // block_size] * block_size + i % block_size for i in src]
-            dst_slots += [blocks[i // block_size] * block_size + i % block_size for i in dst]
             if num_blocks < len(blocks):
                 del blocks[num_blocks:]
                 row = self.input_batch.req_id_to_index.get(req_id)
                 if row is not None:
                     table.num_blocks_per_row[row] = min(table.num_blocks_per_row[row],
                                                         num_blocks)
-        if not src_slots:
+        if not plan.src:
             return
-        src_t = to_device(torch.tensor(src_slots, dtype=torch.int64), self.device)
-        dst_t = to_device(torch.tensor(dst_slots, dtype=torch.int64), self.device)
+        # The scheduler computed the moves as physical slots (kv_manager.SepLLMManager.evict).
+        moves = to_device(torch.tensor((plan.src, plan.dst), dtype=torch.int64), self.device)
+        src_t, dst_t = moves[0], moves[1]
         from vllm_sepllm.ops import compact_kv
 
         timer = self.sepllm.compaction_timer  # vllm:sepllm_compaction_seconds (metrics.py)
