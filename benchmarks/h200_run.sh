@@ -89,14 +89,16 @@ for step in "$@"; do
       bg=$! ;;
     agree) CUDA_VISIBLE_DEVICES=0 timeout ${AGREE_S:-500} bash benchmarks/bench_agree.sh "$OUT" > "$OUT/agree.log" 2>&1
            echo "agree rc=$?"; tail -30 "$OUT/agree.log" ;;
-    timeline_x2)  # one W2-like decode step's CPU + GPU timeline, FLASH_ATTN (GPU 0) vs SEPLLM (GPU 1)
+    timeline_x2)  # decode-step timeline on both GPUs: TL_B0/TL_B1 backends (FLASH_ATTN, SEPLLM),
+      # TL_S0/TL_S1 their sepllm JSON (default a4 s64 w256)
       for g in 0 1; do
-        b=$([ $g = 0 ] && echo FLASH_ATTN || echo SEPLLM)
+        b=$([ $g = 0 ] && echo ${TL_B0:-FLASH_ATTN} || echo ${TL_B1:-SEPLLM})
+        s=$([ $g = 0 ] && echo "${TL_S0:-}" || echo "${TL_S1:-}")
         CUDA_VISIBLE_DEVICES=$g timeout ${TL_S:-300} python3 benchmarks/profile_step.py --backend $b --timeline 20 \
-          --num-requests 512 --prompt-len 1024 --output-len 512 --out "$OUT/h200_timeline_${b,,}.txt" \
-          > /tmp/timeline_$g.log 2>&1 &
+          ${s:+--sepllm "$s"} --num-requests 512 --prompt-len 1024 --output-len 512 \
+          --out "$OUT/h200_timeline_gpu${g}_${b,,}.txt" > /tmp/timeline_$g.log 2>&1 &
       done
-      wait; head -3 "$OUT"/h200_timeline_*.txt ;;
+      wait; for f in "$OUT"/h200_timeline_*.txt; do head -22 "$f"; done ;;
     cli) timeout ${CLI_S:-300} bash benchmarks/gpu_cli_check.sh "$OUT/cli" > "$OUT/cli.log" 2>&1; echo "cli rc=$?"; tail -20 "$OUT/cli.log" ;;
     *) echo "unknown step $step" ;;
   esac
