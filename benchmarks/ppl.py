@@ -122,8 +122,9 @@ def documents(tokenizer, num_docs: int, tokens: int, offset: int = 0
 
 # ---------------------------------------------------------------------------- runs
 def parse_run(spec: str) -> dict:
-    """``full`` | ``sepllm:a4s64w256[+shift]`` | ``stream:a4w320[+shift]``, optionally
-    ``@N``: only the first N tokens of each document."""
+    """``full`` | ``sepllm:a4s64w256[cN][+shift]`` | ``stream:a4w320[cN][+shift]``, optionally
+    ``@N``: only the first N tokens of each document. ``cN``: ``sepllm.cache_size`` N
+    (batched eviction: the cache cycles between a + s + w and N tokens)."""
     body, _, limit = spec.partition("@")
     shift = body.endswith("+shift")
     body = body[: -len("+shift")] if shift else body
@@ -131,15 +132,18 @@ def parse_run(spec: str) -> dict:
         if shift:
             raise SystemExit("full attention has no PE shift (it keeps every token)")
         return {"spec": spec, "backend": "CPU_ATTN", "pe_shift": False, "sepllm": None,
-                "budget": None, "limit": int(limit) if limit else None}
-    m = re.fullmatch(r"(sepllm|stream):a(\d+)(?:s(\d+))?w(\d+)", body)
+                "cache_size": None, "budget": None, "limit": int(limit) if limit else None}
+    m = re.fullmatch(r"(sepllm|stream):a(\d+)(?:s(\d+))?w(\d+)(?:c(\d+))?", body)
     if not m or (m.group(1) == "stream") != (m.group(3) is None):
-        raise SystemExit(f"bad run {spec!r}: e.g. full, sepllm:a4s64w256+shift, stream:a4w320")
+        raise SystemExit(f"bad run {spec!r}: e.g. full, sepllm:a4s64w256+shift, stream:a4w320, "
+                         "sepllm:a4s64w224c324")
     kind, a, s, w = m.group(1), int(m.group(2)), int(m.group(3) or 0), int(m.group(4))
+    cache_size = int(m.group(5)) if m.group(5) else None
     sepllm = {"mode": "sepllm" if kind == "sepllm" else "streamingllm", "num_sinks": a,
               "sep_cap": s, "window": w}
     return {"spec": spec, "backend": "SEPLLM", "pe_shift": shift, "sepllm": sepllm,
-            "budget": a + s + w, "limit": int(limit) if limit else None}
+            "cache_size": cache_size, "budget": cache_size or a + s + w,
+            "limit": int(limit) if limit else None}
 
 
 def long_position_model(model: str, max_pos: int) -> str:
@@ -157,7 +161,8 @@ def long_position_model(model: str, max_pos: int) -> str:
 
 
 def run_engine(args, model: str, runs: list[dict], docs) -> list[dict]:
-    """One engine (the runs share backend and pe_shift); every (run, document) one request."""
+    """One engine (the runs share backend, pe_shift and cache_size); every (run, document) one
+    request."""
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -173,7 +178,8 @@ def run_engine(args, model: str, runs: list[dict], docs) -> list[dict]:
                   attention_backend=first["backend"])
     if first["backend"] == "SEPLLM":
         kwargs["additional_config"] = {"sepllm": dict(first["sepllm"],
-                                                      pe_shift=first["pe_shift"])}
+                                                      pe_shift=first["pe_shift"],
+                                                      cache_size=first["cache_size"])}
         if args.separators is not None:
             kwargs["additional_config"]["sepllm"]["separators"] = args.separators
     t0 = time.perf_counter()
@@ -303,7 +309,7 @@ def main() -> None:
     records: list[dict] = []
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["backend"], r["pe_shift"]), []).append(r)
+        groups.setdefault((r["backend"], r["pe_shift"], r["cache_size"]), []).append(r)
     for group in groups.values():
         records += run_engine(args, model, group, docs)
     rows = summarize(records, native)

@@ -45,12 +45,30 @@ def test_additional_config_dict_json_and_env():
     ({"windw": 3}, "unknown key 'windw'"),
     ({"separator_token_ids": [1, -2]}, "sepllm.separator_token_ids must be a list"),
     ({"separators": ""}, "sepllm.separators must be a non-empty string"),
+    ({"cache_size": 0}, "sepllm.cache_size must be a positive integer, got 0"),
+    ({"cache_size": 300}, "sepllm.cache_size=300 is below the retained a + s + w = 324 "
+                          "(num_sinks=4, sep_cap=64, window=256)"),
+    ({"mode": "streamingllm", "cache_size": 259}, "sepllm.cache_size=259 is below the retained "
+                                                  "a + s + w = 260"),
+    ({"mode": "full", "cache_size": 512}, "sepllm.cache_size=512 needs an evicting mode"),
 ])
 def test_bad_values_name_field_and_value(section, message):
     with pytest.raises(SepLLMConfigError) as e:
         from_additional_config({"sepllm": section}, environ={})
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_cache_size_bounds_the_cache():
+    cfg = from_additional_config({"sepllm": {"cache_size": 356}}, environ={})
+    assert (cfg.cache_size, cfg.retained_tokens, cfg.max_cache_tokens) == (356, 324, 356)
+    assert from_additional_config({"sepllm": {}}, environ={}).max_cache_tokens == 324
+    # no separator cap: unbounded whatever c is (separators accumulate)
+    assert from_additional_config({"sepllm": {"sep_cap": None, "cache_size": 400}},
+                                  environ={}).max_cache_tokens is None
+    # a request may not push a + s + w above the engine's c
+    with pytest.raises(SepLLMConfigError, match="cache_size=356 is below"):
+        request_config(cfg, {"sepllm": {"window": 512}})
 
 
 def test_bad_json_and_env():
