@@ -187,24 +187,21 @@ def timeline(llm, inputs, params, args) -> str:
         engine.step()
     n = args.timeline
     cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(2 * n):
-        engine.step()
-    if cuda:
-        torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) * 1e3 / (2 * n)
+
+    def ms_per_step(steps: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3 / steps
+
+    wall_ms = ms_per_step(2 * n)
     # The same number of steps again with every host phase timed (adds a few us per call).
     phases = PhaseTimer(PHASES)
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(2 * n):
-        engine.step()
-    if cuda:
-        torch.cuda.synchronize()
-    phased_ms = (time.perf_counter() - t0) * 1e3 / (2 * n)
+    phased_ms = ms_per_step(2 * n)
     phases.restore()
     running = len(sched.running)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

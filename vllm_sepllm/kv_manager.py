@@ -106,8 +106,9 @@ class SepLLMManager(FullAttentionManager):
         return compaction
 
     def num_dropped(self, request_id: str) -> int:
+        """``D`` of the request (tokens dropped so far; 0 without a record)."""
         cache = self.caches.get(request_id)
-        return 0 if cache is None else cache.num_dropped
+        return 0 if cache is None else cache.num_evicted
 
     # -------------------------------------------------------------- vLLM overrides
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args,
@@ -130,9 +131,10 @@ class SepLLMManager(FullAttentionManager):
         new_blocks = super().allocate_new_blocks(
             request_id, num_tokens - dropped, num_tokens_main_model - dropped
         )
-        held = len(self.req_to_blocks[request_id])
-        if held > self.peak_blocks.get(request_id, 0):
-            self.peak_blocks[request_id] = held
+        if new_blocks:  # the count only grows here
+            held = len(self.req_to_blocks[request_id])
+            if held > self.peak_blocks.get(request_id, 0):
+                self.peak_blocks[request_id] = held
         return new_blocks
 
     def request_stats(self, request_id: str, num_computed: int) -> dict[str, float] | None:
