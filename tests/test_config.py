@@ -49,7 +49,9 @@ def test_additional_config_dict_json_and_env():
     ({"cache_size": 300}, "sepllm.cache_size=300 is below the retained a + s + w = 324 "
                           "(num_sinks=4, sep_cap=64, window=256)"),
     ({"mode": "streamingllm", "cache_size": 259}, "sepllm.cache_size=259 is below the retained "
-                                                  "a + s + w = 260"),
+                                                  "a + w = 260 (num_sinks=4, window=256)"),
+    ({"sep_cap": None, "cache_size": 100}, "sepllm.cache_size=100 is below the retained "
+                                           "a + w = 260"),
     ({"mode": "full", "cache_size": 512}, "sepllm.cache_size=512 needs an evicting mode"),
 ])
 def test_bad_values_name_field_and_value(section, message):

@@ -91,10 +91,13 @@ class SepLLMConfig:
                     f"sepllm.cache_size={self.cache_size} needs an evicting mode; got mode='full'")
             kept = self.retained_tokens
             if kept is not None and self.cache_size < kept:
+                if self.mode == "sepllm" and self.sep_cap is not None:
+                    what = (f"a + s + w = {kept} (num_sinks={self.num_sinks}, "
+                            f"sep_cap={self.sep_cap}, window={self.window})")
+                else:
+                    what = f"a + w = {kept} (num_sinks={self.num_sinks}, window={self.window})"
                 raise SepLLMConfigError(
-                    f"sepllm.cache_size={self.cache_size} is below the retained a + s + w = {kept} "
-                    f"(num_sinks={self.num_sinks}, sep_cap={self.sep_cap if self.mode == 'sepllm' else 0}, "
-                    f"window={self.window})")
+                    f"sepllm.cache_size={self.cache_size} is below the retained {what}")
         if not isinstance(self.pe_shift, bool):
             raise SepLLMConfigError(f"sepllm.pe_shift must be true or false, got {self.pe_shift!r}")
         if self.pe_shift and self.max_cache_tokens is None:
