@@ -137,17 +137,35 @@ def is_correct(pred: float | None, label: str) -> bool:
 
 
 # ---------------------------------------------------------------------------- KV figures
-def kv_figures(stats: dict | None, evicting: bool, tokens: int) -> dict:
+def kv_figures(stats: dict | None, evicting: bool, tokens: int,
+               policy: dict | None = None) -> dict:
     """Per item: the engine's retained ratio and tokens. Without SepLLM nothing is evicted
     (ratio 1). With SepLLM a request that a stop *string* ends carries no figures: vLLM's front
     end finds stop strings and aborts the request, so the engine's figures never reach the
-    output (requests ended by EOS or max_tokens carry them); those items get ``None``."""
+    output (requests ended by EOS or max_tokens carry them); those items take the policy's
+    figures (:func:`policy_kv`, exact eviction only) when given, else ``None``."""
     if stats is not None:
-        return {"kv_stats": True, "retained_ratio": stats["retained_ratio"],
+        return {"kv_stats": "engine", "retained_ratio": stats["retained_ratio"],
                 "kv_retained": stats["kv_retained"]}
     if not evicting:
         return {"kv_stats": False, "retained_ratio": 1.0, "kv_retained": tokens}
+    if policy is not None:
+        return {"kv_stats": "policy", **policy}
     return {"kv_stats": False, "retained_ratio": None, "kv_retained": None}
+
+
+def policy_kv(token_ids: list[int], num_output: int, sep_ids, retention) -> dict | None:
+    """What the engine reports at finish, from the retention policy (exact eviction): KV was
+    computed for every token but the last sampled one (``L - 1``); the last step, a decode of
+    position ``L - 2``, ran on the cache ``R(L - 2)`` and wrote its own token. None for outputs
+    of one token: their last step was a prefill chunk, whose figures depend on the chunking."""
+    from vllm_sepllm.policy import retained_positions
+
+    if num_output < 2:
+        return None
+    n = len(token_ids) - 2
+    kept = len(retained_positions(token_ids, n, sep_ids, retention)) + 1
+    return {"retained_ratio": kept / (n + 1), "kv_retained": kept}
 
 
 def kv_summary(rows: list[dict]) -> dict:
@@ -187,18 +205,34 @@ def run_one(args: argparse.Namespace) -> dict:
     outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     elapsed = time.perf_counter() - t0
 
+    # Exact eviction: the policy gives the KV figures of requests a stop string ended; it must
+    # agree with the engine's own figures on the others (counted in ``kv_policy_check``).
+    exact = sepllm is not None and sepllm.get("cache_size") is None
+    if exact:
+        from vllm_sepllm.config import SepLLMConfig
+
+        cfg = llm.llm_engine.vllm_config.additional_config["sepllm"]
+        sep_ids = frozenset(cfg["separator_token_ids"])
+        retention = SepLLMConfig(**sepllm).retention
+    check = {"agree": 0, "checked": 0}
     rows = []
     for it, out in zip(items, outs):
         text = out.outputs[0].text
         flex, strict = extract_flexible(text), extract_strict(text)
         st = (out.kv_transfer_params or {}).get("sepllm")
+        ids = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)
+        policy = (policy_kv(ids, len(out.outputs[0].token_ids), sep_ids, retention)
+                  if exact else None)
+        if st is not None and policy is not None and st["tokens"] == len(ids) - 1:
+            check["checked"] += 1
+            check["agree"] += st["kv_retained"] == policy["kv_retained"]
         rows.append({"id": it["id"], "label": it["label"], "flexible": flex, "strict": strict,
                      "flexible_ok": is_correct(flex, it["label"]),
                      "strict_ok": is_correct(strict, it["label"]),
                      "prompt_tokens": len(out.prompt_token_ids),
                      "output_tokens": len(out.outputs[0].token_ids),
                      **kv_figures(st, sepllm is not None, len(out.prompt_token_ids)
-                                  + len(out.outputs[0].token_ids)),
+                                  + len(out.outputs[0].token_ids), policy),
                      "completion": text})
     n = len(rows)
     record = {
@@ -207,6 +241,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "accuracy_flexible": round(sum(r["flexible_ok"] for r in rows) / n, 4),
         "accuracy_strict": round(sum(r["strict_ok"] for r in rows) / n, 4),
         **kv_summary(rows),
+        "kv_policy_check": check if exact else None,
         "prompt_tokens_mean": round(sum(r["prompt_tokens"] for r in rows) / n, 1),
         "output_tokens_mean": round(sum(r["output_tokens"] for r in rows) / n, 1),
         "elapsed_s": round(elapsed, 1), "max_tokens": args.max_tokens, "dtype": args.dtype,
@@ -259,8 +294,14 @@ def report_table(records: list[dict]) -> str:
                      f" model {Path(r0['model']).name}, {r0['gpu']}, vLLM "
                      f"{r0.get('vllm_version')}, commit {r0.get('commit')}; r.KV = mean retained"
                      " KV ratio per request, KV kept = mean retained tokens at finish (both over"
-                     " the KV items: requests that carry the engine's figures), agree = same"
-                     " flexible answer as the first run")
+                     " the KV items: requests with figures, the engine's or, with exact eviction,"
+                     " the policy's for requests a stop string ended), agree = same flexible"
+                     " answer as the first run")
+        for r in records:
+            check = r.get("kv_policy_check")
+            if check:
+                lines.append(f"{r['backend']} {r['config']}: policy figures = engine figures on"
+                             f" {check['agree']}/{check['checked']} requests that carry both")
     return "\n".join(lines)
 
 

@@ -88,3 +88,20 @@ def test_kv_figures_and_summary():
                                       "kv_items": 1}
     assert gsm8k.kv_figures(None, False, 900)["retained_ratio"] == 1.0
     assert gsm8k.kv_summary([rows[1]])["kv_items"] == 0
+
+
+def test_policy_kv_figures():
+    """A request a stop string ended takes the policy's figures (exact eviction): L = 7 tokens,
+    KV computed for 6; the last decode (position 5) ran on R(5) = sink 0, separator 1 (cap 1),
+    window {4} (w = 2 with the query), and wrote position 5: 4 kept of 6."""
+    from vllm_sepllm.policy import Retention
+
+    ids = [0, 1, 0, 0, 1, 0, 0]
+    got = gsm8k.policy_kv(ids, 3, {1}, Retention(num_sinks=1, sep_cap=1, window=2))
+    assert got == {"retained_ratio": 4 / 6, "kv_retained": 4}
+    # one output token: the last step was the prefill (in the CPU run of items 0-7 the engine
+    # reported the whole 798-token prompt as kept for such a request)
+    assert gsm8k.policy_kv(ids, 1, {1}, Retention(1, 1, 2)) is None
+    row = gsm8k.kv_figures(None, True, 7, got)
+    assert row == {"kv_stats": "policy", "retained_ratio": 4 / 6, "kv_retained": 4}
+    assert gsm8k.kv_summary([row])["kv_items"] == 1
