@@ -100,8 +100,6 @@ def main() -> None:
 #: vLLM's ``Scheduler.schedule`` runs inside SepLLM's, the runner's ``_prepare_inputs`` inside
 #: ``execute_model``). Missing names (the other backend's classes) are skipped.
 PHASES = [
-    "vllm.v1.engine.core:EngineCore.step_with_batch_queue",
-    "vllm.v1.engine.core:EngineCore.step",
     "vllm_sepllm.scheduler:_SepLLMSchedulerMixin.schedule",
     "vllm.v1.core.sched.scheduler:Scheduler.schedule",
     "vllm_sepllm.kv_manager:SepLLMManager.evict",

@@ -70,8 +70,6 @@ class SepLLMManager(FullAttentionManager):
         self.peak_blocks: dict[str, int] = {}
         #: ``sepllm.cache_size`` (set by the scheduler): batched eviction, see policy.py.
         self.cache_size: int | None = None
-        #: Requests whose blocks were released (finish, abort, preemption) since start-up.
-        self.num_released = 0
 
     # -------------------------------------------------------------- SepLLM operations
     def evict(self, request_id: str, num_computed: int, token_ids: Sequence[int],
@@ -158,7 +156,6 @@ class SepLLMManager(FullAttentionManager):
         # Every way out (finish, abort, preemption, vLLM's deferred free) comes through here.
         self.caches.pop(request_id, None)
         self.peak_blocks.pop(request_id, None)
-        self.num_released += 1
         return super().pop_blocks_for_free(request_id)
 
     def cache_blocks(self, request, num_tokens: int) -> None:  # noqa: ANN001

@@ -142,11 +142,11 @@ class _SepLLMSchedulerMixin:
             if freed:
                 counts.setdefault(rid, [0, 0])[0] += freed
 
-        released = mgr.num_released
         output = super().schedule(*args, **kwargs)
 
-        if mgr.num_released != released and compacted:
-            # vLLM's schedule() preempted requests (their blocks are gone): drop their moves.
+        if any(rid not in caches for rid in compacted):
+            # vLLM's schedule() preempted requests (their records and blocks are gone): drop
+            # their moves.
             compacted = {rid: c for rid, c in compacted.items() if rid in caches}
             src = [x for _, i, j, _ in compacted.values() for x in moves[0][i:j]]
             dst = [x for _, i, j, _ in compacted.values() for x in moves[1][i:j]]
