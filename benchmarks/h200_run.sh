@@ -6,7 +6,8 @@
 # 2-GPU machine), cli (serve + chat + bench through vLLM's CLI), tp2 (tensor parallel 2 token
 # check), w1tp2 (W1 pair at tensor parallel 2), stream_gpu1 (the 4M-token PE-shift stream on GPU 1,
 # in the background; wait_bg waits), agree (vllm bench vs throughput.py, GPU 0), pytest (GPU tests,
-# PYTEST_ARGS), timeline_x2 (decode-step timeline, FLASH_ATTN vs SEPLLM, profile_step.py --timeline).
+# PYTEST_ARGS), timeline_x2 (decode-step timeline, FLASH_ATTN vs SEPLLM, profile_step.py --timeline),
+# host (scheduler host time per decode step, benchmarks/host_step.py).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git_commit=$(cat .commit 2>/dev/null || echo unknown)
@@ -99,6 +100,11 @@ for step in "$@"; do
           --out "$OUT/h200_timeline_gpu${g}_${b,,}.txt" > /tmp/timeline_$g.log 2>&1 &
       done
       wait; for f in "$OUT"/h200_timeline_*.txt; do head -22 "$f"; done ;;
+    host)  # scheduler-side host time per decode step at 512 requests, vLLM alone vs SEPLLM (CPU only)
+      for c in "" ', "cache_size": 356'; do
+        timeout ${HOST_S:-120} python3 benchmarks/host_step.py --tokenizer-dir .gpu/tok --steps 100 \
+          --sepllm "{\"num_sinks\": 4, \"sep_cap\": 64, \"window\": 256$c}" 2>&1 | grep -v "INFO\|WARNING" | tail -4
+      done | tee "$OUT/host_step.log" ;;
     cli) timeout ${CLI_S:-300} bash benchmarks/gpu_cli_check.sh "$OUT/cli" > "$OUT/cli.log" 2>&1; echo "cli rc=$?"; tail -20 "$OUT/cli.log" ;;
     *) echo "unknown step $step" ;;
   esac

@@ -42,7 +42,10 @@ import torch
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.block_pool import BlockPool
-from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
+from vllm.v1.core.single_type_kv_cache_manager import (
+    FullAttentionManager,
+    get_manager_for_kv_cache_spec,
+)
 from vllm_sepllm.kv_manager import SepLLMManager, SepLLMSpec
 from vllm_sepllm.policy import Retention, retained_positions
 
@@ -226,6 +229,13 @@ class Fuzzer:
             req.rid, num_tokens, new_computed_blocks=[], total_computed_tokens=total_computed,
             num_local_computed_tokens=total_computed, num_tokens_main_model=num_tokens, **kw)
         assert got == got_kw
+        # vLLM's own rule on the cached tokens (our override writes it out without the
+        # prefix-caching branches).
+        cached = num_tokens - m.num_dropped(req.rid)
+        if kw.get("apply_admission_cap") and m.admission_token_cap is not None:
+            cached = min(cached, m.admission_token_cap)
+        assert got == FullAttentionManager.get_num_blocks_to_allocate(
+            m, req.rid, cached, [], total_computed, total_computed, cached)
         return got
 
     def try_allocate(self, req: Req, num_new: int) -> bool:

@@ -221,6 +221,7 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
                 cm.max_query_len == 1 or (self.unmasked and self.flash is not None)):
             return self._build_plain(cm)
         state = SepLLMWorkerState.current
+        assert state.slot_records, "masked attention without slot records (worker.py)"
         num_reqs = cm.num_reqs
         qsl = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
         lens_cpu = cm.seq_lens_cpu_upper_bound

@@ -109,23 +109,31 @@ class SepLLMManager(FullAttentionManager):
         return 0 if cache is None else cache.num_evicted
 
     # -------------------------------------------------------------- vLLM overrides
-    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args,
-                                   apply_admission_cap: bool = False, **kwargs) -> int:
-        dropped = self.num_dropped(request_id)
-        num_tokens -= dropped
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int,
+                                   new_computed_blocks: Sequence, total_computed_tokens: int,
+                                   num_local_computed_tokens: int, num_tokens_main_model: int,
+                                   apply_admission_cap: bool = False) -> int:
+        # vLLM's rule on the cached tokens (num_tokens - D), written out: it runs for every
+        # scheduled request every step (benchmarks/host_step.py). With prefix caching off
+        # (refused in __init__) there are no prefix hits, full attention skips nothing and
+        # no held block is evictable, so vLLM's rule reduces to the blocks the cached tokens
+        # need beyond those held (tests/test_manager_fuzz.py compares it with vLLM's own).
+        assert not new_computed_blocks
+        cache = self.caches.get(request_id)
+        if cache is not None:
+            num_tokens -= cache.num_evicted
         if apply_admission_cap and self.admission_token_cap is not None:
             num_tokens = min(num_tokens, self.admission_token_cap)
-        if "num_tokens_main_model" in kwargs:
-            kwargs["num_tokens_main_model"] -= dropped
-        elif len(args) >= 4:
-            args = (*args[:3], args[3] - dropped, *args[4:])
-        return super().get_num_blocks_to_allocate(
-            request_id, num_tokens, *args, apply_admission_cap=apply_admission_cap, **kwargs
-        )
+        held = self.req_to_blocks.get(request_id)
+        return max(-(-num_tokens // self.block_size) - (len(held) if held else 0), 0)
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int,
                             num_tokens_main_model: int):
-        dropped = self.num_dropped(request_id)
+        cache = self.caches.get(request_id)
+        dropped = 0 if cache is None else cache.num_evicted
+        held = self.req_to_blocks.get(request_id)
+        if held is not None and -(-(num_tokens - dropped) // self.block_size) <= len(held):
+            return []  # most decode steps: the last block has room (vLLM's rule, short-cut)
         new_blocks = super().allocate_new_blocks(
             request_id, num_tokens - dropped, num_tokens_main_model - dropped
         )

@@ -42,6 +42,9 @@ class SepLLMWorkerState:
     Attributes:
         slot_pos: [num_slots] int32, logical position of the token in each KV slot.
         slot_sep: [num_slots] bool, whether that token is a separator.
+        slot_records: whether new tokens' ``slot_pos``/``slot_sep`` are written: the masks
+            and PE shift read them; with batched eviction on FlashAttention nothing does
+            (every step is the backend's plain path), so that hot path skips them.
         sep_table: [vocab] bool, separator lookup by token id.
         row_dropped_cpu: [max_num_reqs] int32, ``D`` of each persistent-batch row this step.
         row_req_ids: request id of each row this step (:meth:`row_retention`).
@@ -59,6 +62,7 @@ class SepLLMWorkerState:
         self.sep_table = self.sep_table.to(device)
         self.slot_pos = torch.empty(0, dtype=torch.int32, device=device)
         self.slot_sep = torch.empty(0, dtype=torch.bool, device=device)
+        self.slot_records = True
         self.dropped: dict[str, int] = {}
         self.retention: dict[str, Retention] = {}
         self.row_dropped_cpu = torch.zeros(max_num_reqs, dtype=torch.int32,
@@ -120,6 +124,11 @@ class SepLLMRunnerMixin:
             self.device,
         )
         self.sepllm.pe_shift = cfg.pe_shift
+        from vllm_sepllm.backend import decode_kernel_choice
+
+        # The same condition as the backend's plain path for every step (backend.py build).
+        self.sepllm.slot_records = cfg.pe_shift or not (
+            cfg.cache_size is not None and decode_kernel_choice(self.device) == "flash")
         SepLLMWorkerState.current = self.sepllm
 
     # ------------------------------------------------------------------ KV spec
@@ -243,10 +252,10 @@ class SepLLMRunnerMixin:
         self.input_batch.block_table.compute_slot_mapping(
             num_reqs, self.query_start_loc.gpu[: num_reqs + 1], cache_pos
         )
-        # Remember what each written slot holds: the prefill mask needs it.
         slots = self.input_batch.block_table[0].slot_mapping.gpu[:total]
-        state.slot_pos[slots] = positions.to(torch.int32)
-        state.slot_sep[slots] = state.sep_table[self.input_ids.gpu[:total]]
+        if state.slot_records:  # what each written slot holds: the masks need it
+            state.slot_pos[slots] = positions.to(torch.int32)
+            state.slot_sep[slots] = state.sep_table[self.input_ids.gpu[:total]]
         if state.pe_shift:
             # A new token's RoPE position is its cache index (= its rank, see rope_shift.py);
             # it replaces the logical position once the attention metadata is built.
