@@ -12,6 +12,9 @@ Shape: Llama-3-8B attention (Hq 32, Hkv 8, head size 128, bf16, block size 16).
   ``gpu_us``. ``max_diff`` compares the two outputs.
 * compact: one decode step's compaction (B moves of one slot, 32 layers) with the CUDA op
   (``torch.ops.vllm_sepllm.compact_kv``, when built) and with the torch fallback.
+* fa_paging: one decode layer of FA3 as the backend calls it, by KV block size and split
+  policy (``graph``: vLLM's split bound with FA3's ahead-of-time schedule, what a CUDA-graph
+  replay runs; ``1``: unsplit; ``auto``: FA3's heuristic, eager).
 * prefill: ``sepllm_prefill`` (SepLLM mask, a4 s64 w512) vs FlashAttention varlen causal, chunks
   of 2048 new tokens after ~580 cached keys (R(n) of a 4096-token history: 4 sinks, 64
   separators, 511 window keys); tokens/s of query tokens. ``meta_us`` is the
@@ -104,11 +107,11 @@ def flash_attention():
     return flash_attn_varlen_func, get_flash_attn_version()
 
 
-def paged_cache(lens: list[int], gen: torch.Generator):
+def paged_cache(lens: list[int], gen: torch.Generator, block_size: int = BLOCK_SIZE):
     """A bf16 cache whose pages are shuffled, and its [B, max_blocks] int32 block table."""
-    pages = [-(-n // BLOCK_SIZE) for n in lens]
+    pages = [-(-n // block_size) for n in lens]
     num_blocks = sum(pages)
-    kv_cache = torch.randn(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, 2 * HEAD_SIZE, dtype=DTYPE,
+    kv_cache = torch.randn(num_blocks, block_size, NUM_KV_HEADS, 2 * HEAD_SIZE, dtype=DTYPE,
                            device="cuda")
     perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
     block_table = torch.zeros(len(lens), max(pages), dtype=torch.int32)
@@ -150,6 +153,60 @@ def decode_case(timer: Timer, fa, batch: int, length: int, gen: torch.Generator)
         rec["fa_gbps"] = kv_bytes / rec["fa_gpu_us"] / 1e3
         rec["max_diff"] = (out.float() - fa_out.float()).abs().max().item()
     return rec
+
+
+def fa_paging_case(timer: Timer, batch: int, length: int, block_size: int, splits: str,
+                   gen: torch.Generator) -> dict:
+    """One decode layer of FA3 as the SEPLLM backend calls it at ``batch`` rows of ``length``
+    cached tokens, by KV block size and split policy: ``graph`` = what a CUDA-graph replay
+    runs (vLLM's split bound with FA3's ahead-of-time schedule, as backend.py builds it),
+    ``1`` = no split, ``auto`` = FA3's own heuristic (eager)."""
+    from vllm.v1.attention.backends.fa_utils import (
+        flash_attn_varlen_func,
+        get_flash_attn_version,
+        get_scheduler_metadata,
+    )
+
+    lens = [length] * batch
+    kv_cache, block_table = paged_cache(lens, gen, block_size)
+    cache_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, NUM_HEADS, HEAD_SIZE, dtype=DTYPE, device="cuda")
+    out = torch.empty_like(q)
+    key_cache, value_cache = kv_cache.split(HEAD_SIZE, dim=-1)
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    num_splits, sched = {"auto": 0, "1": 1, "graph": 32}[splits], None
+    if splits != "auto":
+        sched = get_scheduler_metadata(
+            batch_size=batch, max_seqlen_q=1, max_seqlen_k=length, num_heads_q=NUM_HEADS,
+            num_heads_kv=NUM_KV_HEADS, headdim=HEAD_SIZE, cache_seqlens=cache_lens,
+            qkv_dtype=DTYPE, cu_seqlens_q=cu_q, page_size=block_size, causal=True,
+            window_size=(-1, -1), num_splits=num_splits)
+
+    def flash():
+        flash_attn_varlen_func(
+            q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu_q, max_seqlen_q=1,
+            seqused_k=cache_lens, max_seqlen_k=length, softmax_scale=SCALE, causal=True,
+            block_table=block_table, scheduler_metadata=sched, num_splits=num_splits,
+            fa_version=get_flash_attn_version())
+
+    kv_bytes = batch * length * NUM_KV_HEADS * 2 * HEAD_SIZE * kv_cache.element_size()
+    rec = {"batch": batch, "cache_len": length, "block_size": block_size, "splits": splits,
+           "gpu_us": timer.gpu_us(flash)}
+    rec["gbps"] = kv_bytes / rec["gpu_us"] / 1e3
+    return rec
+
+
+def bench_fa_paging(timer: Timer) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    recs = []
+    for batch, length in [(512, 340), (64, 340), (512, 1024)]:
+        for bs in (16, 32, 64, 128, 256):
+            for splits in ("graph", "1", "auto"):
+                r = fa_paging_case(timer, batch, length, bs, splits, gen)
+                print(f"fa_paging B={batch} len={length} bs={bs:3d} splits={splits:5s} "
+                      f"{r['gpu_us']:8.1f} us {r['gbps']:7.0f} GB/s", flush=True)
+                recs.append(r)
+    return recs
 
 
 def compact_case(timer: Timer, has_op: bool, caches: list[torch.Tensor], slot_pos: torch.Tensor,
@@ -327,7 +384,7 @@ def main() -> None:
     p.add_argument("--out", required=True, help="JSON path; the plot goes next to it (.png)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--only", nargs="*", choices=["decode", "compact", "prefill"],
+    p.add_argument("--only", nargs="*", choices=["decode", "compact", "prefill", "fa_paging"],
                    default=["decode", "compact", "prefill"])
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -345,6 +402,7 @@ def main() -> None:
         "decode": bench_decode(timer, fa) if "decode" in args.only else [],
         "compact": bench_compact(timer) if "compact" in args.only else [],
         "prefill": bench_prefill(timer, fa) if "prefill" in args.only else [],
+        "fa_paging": bench_fa_paging(timer) if "fa_paging" in args.only else [],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

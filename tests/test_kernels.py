@@ -184,10 +184,11 @@ def test_interp_decode_padded_rows(num_splits):
     check_decode_padded(num_splits, torch.float32, "cpu")
 
 
-def _graph_decode_case(kernel):
+def _graph_decode_case(kernel, flash_splits=32):
     """The backend's uniform-decode path (``SepLLMImpl._plain``) captured in a CUDA
     graph, then replayed after the persistent inputs changed in place (new lengths, pages,
-    queries, KV): replay must equal the torch reference of the *new* inputs."""
+    queries, KV): replay must equal the torch reference of the *new* inputs. FlashAttention
+    with vLLM's split bound (32) and unsplit (1, what the builder gives large batches)."""
     from vllm_sepllm.backend import SepLLMImpl, SepLLMMetadata, _flash_attn
 
     flash = _flash_attn()
@@ -225,7 +226,7 @@ def _graph_decode_case(kernel):
         if kernel == "flash" and flash.version == 3 else None
 
     def metadata(max_seq_len):
-        splits, sched = (32, None) if kernel == "flash" else (9, None)
+        splits, sched = (flash_splits, None) if kernel == "flash" else (9, None)
         if sched_buf is not None:
             s = flash.scheduler_metadata(
                 batch_size=padded, max_seqlen_q=1, max_seqlen_k=max_seq_len,
@@ -321,9 +322,40 @@ def test_plain_mixed_step_flash(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["flash", "triton"])
+@pytest.mark.parametrize("kernel", ["flash", "triton", "flash-unsplit"])
 def test_uniform_decode_under_cuda_graph(kernel):
-    _graph_decode_case(kernel)
+    if kernel == "flash-unsplit":
+        _graph_decode_case("flash", flash_splits=1)
+    else:
+        _graph_decode_case(kernel)
+
+
+@pytest.mark.gpu
+def test_flash_graph_splits_by_batch():
+    """Captured decode batches large enough to fill the GPU get one FA3 split, smaller ones
+    vLLM's bound (the choice depends only on the padded batch, fixed per graph)."""
+    from types import SimpleNamespace
+
+    from vllm_sepllm.backend import SepLLMMetadataBuilder, _flash_attn
+
+    flash = _flash_attn()
+    if flash is None or flash.version != 3:
+        pytest.skip("FA3 is not available")
+    b = SepLLMMetadataBuilder.__new__(SepLLMMetadataBuilder)
+    b.decode_kernel, b.flash, b.full_graphs, b.max_graph_tokens = "flash", flash, True, 1024
+    b.flash_graph_splits, b.num_heads_q, b.num_heads_kv, b.head_size = 32, 32, 8, 128
+    b.block_size, b.kv_cache_spec = 16, SimpleNamespace(dtype=torch.bfloat16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    b.flash_unsplit_reqs = -(-4 * sms // 8)
+    b.scheduler_metadata = torch.zeros(1 + 1024 * 4, dtype=torch.int32, device="cuda")
+    for reqs, want in [(8, 32), (b.flash_unsplit_reqs - 1, 32), (b.flash_unsplit_reqs, 1),
+                       (512, 1)]:
+        cm = SimpleNamespace(
+            num_actual_tokens=reqs, max_query_len=1, num_reqs=reqs, max_seq_len=340,
+            seq_lens=torch.full((reqs,), 340, dtype=torch.int32, device="cuda"),
+            query_start_loc=torch.arange(reqs + 1, dtype=torch.int32, device="cuda"),
+            slot_mapping=None, block_table_tensor=None)
+        assert b._build_plain(cm).num_splits == want, reqs
 
 
 @pytest.mark.gpu

@@ -205,6 +205,11 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
             # (1 + round_up(batch, 4) * 4 int32, flash_api.cpp).
             self.flash_graph_splits = vllm_config.attention_config.\
                 flash_attn_max_num_splits_for_cuda_graph
+            # A batch with this many (request, KV head) pairs fills the GPU without splitting
+            # the keys: its graph gets one split, which drops FA3's combine kernel (H200,
+            # 512 x 340 cached tokens: 236 -> 221 us a layer, benchmarks/README.md).
+            self.flash_unsplit_reqs = -(-4 * torch.cuda.get_device_properties(
+                device).multi_processor_count // self.num_heads_kv)
             if self.flash.version == 3:
                 max_batch = max(vllm_config.scheduler_config.max_num_seqs,
                                 self.max_graph_tokens)
@@ -276,14 +281,18 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         all-decode step.
 
         Split counts must not depend on this step's lengths (a replay reuses the captured
-        launch): under graphs FA3 gets vLLM's split bound and our Triton kernel a count fixed
-        by the batch size and ``max_model_len``."""
+        launch): under graphs FA3 gets one split for batches that fill the GPU, else vLLM's
+        split bound, and our Triton kernel a count fixed by the batch size and
+        ``max_model_len``."""
         num_tokens = cm.num_actual_tokens
         graphed = (self.full_graphs and cm.max_query_len == 1
                    and num_tokens <= self.max_graph_tokens)
         num_splits = scheduler_metadata = None
         if self.decode_kernel == "flash":
-            num_splits = self.flash_graph_splits if graphed else 0
+            num_splits = 0
+            if graphed:  # cm.num_reqs is the captured (padded) batch: the same at replay
+                num_splits = (1 if cm.num_reqs >= self.flash_unsplit_reqs
+                              else self.flash_graph_splits)
             if graphed and self.scheduler_metadata is not None:
                 sched = self.flash.scheduler_metadata(
                     batch_size=cm.num_reqs, max_seqlen_q=1, max_seqlen_k=cm.max_seq_len,
