@@ -80,14 +80,14 @@ class Driver:
             sched.add_request(Request(rid, list(p), SamplingParams(max_tokens=out_len,
                                                                    ignore_eos=True), None))
             self.conts[rid] = c
-        self.pending = None  # async scheduling: outputs come one step late
+        self.last_output = None
 
     def step(self) -> tuple[float, float, int]:
         """One engine step; (schedule s, update s, decode rows)."""
         from vllm.v1.outputs import ModelRunnerOutput
 
         t0 = time.perf_counter()
-        out = self.sched.schedule()
+        out = self.last_output = self.sched.schedule()
         t1 = time.perf_counter()
         # The model's output for this step's requests (a prefill chunk that does not end the
         # prompt samples nothing).
