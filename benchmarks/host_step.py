@@ -11,8 +11,9 @@ driven as EngineCore drives it: ``schedule()`` then ``update_from_output()`` wit
 token per request (a real-text continuation, so separators come at their natural rate). Times
 the steady decode steps after every prompt is in (``--warmup`` steps skipped), alternating the
 two schedulers step by step so that machine noise hits both alike. Reports ms per step (median,
-and the mean of the fastest half) for schedule and update each. The H200 host runs this Python
-~2.5x slower than our CPU (benchmarks/README.md), so read ratios and differences.
+and the mean of the fastest half) for schedule and update each. Hosts differ in speed (a lent
+H200 host ran it ~1.4x faster than our CPU, an earlier one much slower), so read differences
+between the two schedulers measured together.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 def build(backend: str, model: str, sepllm: dict | None, num_blocks: int, max_num_seqs: int,
           max_batched: int, block_size: int = 16):
-    """(scheduler, kv spec) as EngineCore would build them for ``backend``."""
+    """The scheduler EngineCore would build for ``backend`` (one KV group, ``num_blocks``)."""
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.core.sched.output import SchedulerOutput  # noqa: F401  (import order)
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
 
@@ -101,9 +101,8 @@ class Driver:
                 sampled.append([])
                 continue
             decode += q == 1
-            k = req.num_output_tokens - req.num_output_placeholders + 1
-            cont = self.conts[rid]
-            sampled.append([cont[min(k, len(cont) - 1)]])
+            cont = self.conts[rid]  # the token this step samples: index = outputs so far
+            sampled.append([cont[min(req.num_output_tokens, len(cont) - 1)]])
         mro = ModelRunnerOutput(req_ids=req_ids,
                                 req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                 sampled_token_ids=sampled)

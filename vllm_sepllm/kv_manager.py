@@ -125,14 +125,14 @@ class SepLLMManager(FullAttentionManager):
         if apply_admission_cap and self.admission_token_cap is not None:
             num_tokens = min(num_tokens, self.admission_token_cap)
         held = self.req_to_blocks.get(request_id)
-        return max(-(-num_tokens // self.block_size) - (len(held) if held else 0), 0)
+        return max(cdiv(num_tokens, self.block_size) - (len(held) if held else 0), 0)
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int,
                             num_tokens_main_model: int):
         cache = self.caches.get(request_id)
         dropped = 0 if cache is None else cache.num_evicted
         held = self.req_to_blocks.get(request_id)
-        if held is not None and -(-(num_tokens - dropped) // self.block_size) <= len(held):
+        if held is not None and cdiv(num_tokens - dropped, self.block_size) <= len(held):
             return []  # most decode steps: the last block has room (vLLM's rule, short-cut)
         new_blocks = super().allocate_new_blocks(
             request_id, num_tokens - dropped, num_tokens_main_model - dropped

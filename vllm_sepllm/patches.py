@@ -62,6 +62,14 @@ Scheduler methods overridden in our subclass (``scheduler._SepLLMSchedulerMixin`
 ``execute_model``, ``sample_tokens`` (attach the compaction time to the model output as attribute
 ``sepllm_worker_stats``; it travels pickled with ``ModelRunnerOutput``).
 
+Block-manager methods overridden (``kv_manager.SepLLMManager``, a ``FullAttentionManager``
+registered for ``SepLLMSpec`` through ``KVCacheSpecRegistry``): ``get_num_blocks_to_allocate``
+(vLLM 0.26's rule written out for the cached tokens ``num_tokens - D``, without its
+prefix-caching branches: prefix caching is off under SEPLLM; the fuzz test compares it with
+vLLM's own on every allocation), ``allocate_new_blocks`` (tokens minus ``D``; returns at once
+when the held blocks suffice), ``pop_blocks_for_free`` (drops the request's record),
+``cache_blocks`` (refuses: prefix caching must be off).
+
 Runner methods overridden in a subclass (``worker.SepLLMRunnerMixin``): ``_update_states``,
 ``_prepare_inputs``, ``_preprocess`` (PE shift only: writes the RoPE positions into vLLM's
 positions buffer after the attention metadata was built from the logical ones),
