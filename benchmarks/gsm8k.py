@@ -231,8 +231,7 @@ def run_one(args: argparse.Namespace) -> dict:
                      "strict_ok": is_correct(strict, it["label"]),
                      "prompt_tokens": len(out.prompt_token_ids),
                      "output_tokens": len(out.outputs[0].token_ids),
-                     **kv_figures(st, sepllm is not None, len(out.prompt_token_ids)
-                                  + len(out.outputs[0].token_ids), policy),
+                     **kv_figures(st, sepllm is not None, len(ids), policy),
                      "completion": text})
     n = len(rows)
     record = {

@@ -155,18 +155,15 @@ def decode_case(timer: Timer, fa, batch: int, length: int, gen: torch.Generator)
     return rec
 
 
-def fa_paging_case(timer: Timer, batch: int, length: int, block_size: int, splits: str,
+def fa_paging_case(timer: Timer, fa, batch: int, length: int, block_size: int, splits: str,
                    gen: torch.Generator) -> dict:
     """One decode layer of FA3 as the SEPLLM backend calls it at ``batch`` rows of ``length``
     cached tokens, by KV block size and split policy: ``graph`` = what a CUDA-graph replay
     runs (vLLM's split bound with FA3's ahead-of-time schedule, as backend.py builds it),
     ``1`` = no split, ``auto`` = FA3's own heuristic (eager)."""
-    from vllm.v1.attention.backends.fa_utils import (
-        flash_attn_varlen_func,
-        get_flash_attn_version,
-        get_scheduler_metadata,
-    )
+    from vllm.v1.attention.backends.fa_utils import get_scheduler_metadata
 
+    fn, version = fa
     lens = [length] * batch
     kv_cache, block_table = paged_cache(lens, gen, block_size)
     cache_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
@@ -183,11 +180,10 @@ def fa_paging_case(timer: Timer, batch: int, length: int, block_size: int, split
             window_size=(-1, -1), num_splits=num_splits)
 
     def flash():
-        flash_attn_varlen_func(
-            q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu_q, max_seqlen_q=1,
-            seqused_k=cache_lens, max_seqlen_k=length, softmax_scale=SCALE, causal=True,
-            block_table=block_table, scheduler_metadata=sched, num_splits=num_splits,
-            fa_version=get_flash_attn_version())
+        fn(q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu_q, max_seqlen_q=1,
+           seqused_k=cache_lens, max_seqlen_k=length, softmax_scale=SCALE, causal=True,
+           block_table=block_table, scheduler_metadata=sched, num_splits=num_splits,
+           fa_version=version)
 
     kv_bytes = batch * length * NUM_KV_HEADS * 2 * HEAD_SIZE * kv_cache.element_size()
     rec = {"batch": batch, "cache_len": length, "block_size": block_size, "splits": splits,
@@ -196,13 +192,13 @@ def fa_paging_case(timer: Timer, batch: int, length: int, block_size: int, split
     return rec
 
 
-def bench_fa_paging(timer: Timer) -> list[dict]:
+def bench_fa_paging(timer: Timer, fa) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     recs = []
     for batch, length in [(512, 340), (64, 340), (512, 1024)]:
         for bs in (16, 32, 64, 128, 256):
             for splits in ("graph", "1", "auto"):
-                r = fa_paging_case(timer, batch, length, bs, splits, gen)
+                r = fa_paging_case(timer, fa, batch, length, bs, splits, gen)
                 print(f"fa_paging B={batch} len={length} bs={bs:3d} splits={splits:5s} "
                       f"{r['gpu_us']:8.1f} us {r['gbps']:7.0f} GB/s", flush=True)
                 recs.append(r)
@@ -402,7 +398,7 @@ def main() -> None:
         "decode": bench_decode(timer, fa) if "decode" in args.only else [],
         "compact": bench_compact(timer) if "compact" in args.only else [],
         "prefill": bench_prefill(timer, fa) if "prefill" in args.only else [],
-        "fa_paging": bench_fa_paging(timer) if "fa_paging" in args.only else [],
+        "fa_paging": bench_fa_paging(timer, fa) if "fa_paging" in args.only and fa else [],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

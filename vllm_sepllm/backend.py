@@ -128,6 +128,14 @@ def decode_kernel_choice(device: torch.device) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+def always_plain(cache_size: int | None, device: torch.device) -> bool:
+    """Whether every step takes the builder's plain path (no mask anywhere): batched eviction
+    (``cache_size``) with vLLM's FlashAttention for decode. The worker then keeps no per-slot
+    records (only masks and PE shift read them)."""
+    return (cache_size is not None and decode_kernel_choice(device) == "flash"
+            and _flash_attn() is not None)
+
+
 class FlashOps:
     """vLLM's FlashAttention entry points (FA3 on Hopper)."""
 
@@ -190,13 +198,13 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         self.max_model_len = model.max_model_len
         from vllm_sepllm.patches import engine_sepllm_config
 
-        # Batched eviction: no row needs a mask (policy.py), prefill rows included.
-        self.unmasked = engine_sepllm_config(vllm_config).cache_size is not None
         cc = vllm_config.compilation_config
         self.full_graphs = (device.type == "cuda" and self.decode_kernel != "torch"
                             and cc.cudagraph_mode.has_full_cudagraphs())
         self.max_graph_tokens = cc.max_cudagraph_capture_size or 0
         self.flash = _flash_attn() if self.decode_kernel == "flash" else None
+        # Batched eviction: no row needs a mask (policy.py), prefill rows included.
+        self.always_plain = always_plain(engine_sepllm_config(vllm_config).cache_size, device)
         self.scheduler_metadata = None
         self.flash_graph_splits = 0
         if self.full_graphs and self.flash is not None:
@@ -223,7 +231,7 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
 
         cm = common_attn_metadata
         if cm.num_reqs > 0 and self.decode_kernel != "torch" and (
-                cm.max_query_len == 1 or (self.unmasked and self.flash is not None)):
+                cm.max_query_len == 1 or self.always_plain):
             return self._build_plain(cm)
         state = SepLLMWorkerState.current
         assert state.slot_records, "masked attention without slot records (worker.py)"

@@ -119,9 +119,7 @@ class SepLLMManager(FullAttentionManager):
         # no held block is evictable, so vLLM's rule reduces to the blocks the cached tokens
         # need beyond those held (tests/test_manager_fuzz.py compares it with vLLM's own).
         assert not new_computed_blocks
-        cache = self.caches.get(request_id)
-        if cache is not None:
-            num_tokens -= cache.num_evicted
+        num_tokens -= self.num_dropped(request_id)
         if apply_admission_cap and self.admission_token_cap is not None:
             num_tokens = min(num_tokens, self.admission_token_cap)
         held = self.req_to_blocks.get(request_id)
@@ -129,8 +127,7 @@ class SepLLMManager(FullAttentionManager):
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int,
                             num_tokens_main_model: int):
-        cache = self.caches.get(request_id)
-        dropped = 0 if cache is None else cache.num_evicted
+        dropped = self.num_dropped(request_id)
         held = self.req_to_blocks.get(request_id)
         if held is not None and cdiv(num_tokens - dropped, self.block_size) <= len(held):
             return []  # most decode steps: the last block has room (vLLM's rule, short-cut)

@@ -124,11 +124,9 @@ class SepLLMRunnerMixin:
             self.device,
         )
         self.sepllm.pe_shift = cfg.pe_shift
-        from vllm_sepllm.backend import decode_kernel_choice
+        from vllm_sepllm.backend import always_plain
 
-        # The same condition as the backend's plain path for every step (backend.py build).
-        self.sepllm.slot_records = cfg.pe_shift or not (
-            cfg.cache_size is not None and decode_kernel_choice(self.device) == "flash")
+        self.sepllm.slot_records = cfg.pe_shift or not always_plain(cfg.cache_size, self.device)
         SepLLMWorkerState.current = self.sepllm
 
     # ------------------------------------------------------------------ KV spec
