@@ -127,7 +127,6 @@ def decode_kernel_choice(device: torch.device) -> str:
     return choice
 
 
-@dataclasses.dataclass(frozen=True)
 def always_plain(cache_size: int | None, device: torch.device) -> bool:
     """Whether every step takes the builder's plain path (no mask anywhere): batched eviction
     (``cache_size``) with vLLM's FlashAttention for decode. The worker then keeps no per-slot
@@ -136,6 +135,7 @@ def always_plain(cache_size: int | None, device: torch.device) -> bool:
             and _flash_attn() is not None)
 
 
+@dataclasses.dataclass(frozen=True)
 class FlashOps:
     """vLLM's FlashAttention entry points (FA3 on Hopper)."""
 
