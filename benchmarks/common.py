@@ -60,6 +60,26 @@ def make_dummy_model(out_dir: Path, tokenizer_dir: Path, shape: dict = LLAMA3_8B
     return out_dir
 
 
+def make_random_model(out_dir: Path, tokenizer_dir: Path, shape: dict, seed: int = 0) -> Path:
+    """A Llama checkpoint of ``shape`` with random weights drawn from ``seed`` (transformers'
+    initialisation: normal, std 0.02), stored in ``shape["torch_dtype"]``, with the tokenizer
+    of ``tokenizer_dir``. For exact comparisons on machines real weights cannot reach: vLLM
+    loads it like any checkpoint (at any TP size), the Hugging Face oracle reads the same
+    numbers. Written once per folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (out_dir / "model.safetensors").is_file():
+        return out_dir
+    make_dummy_model(out_dir, tokenizer_dir, shape)  # config + tokenizer files
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in shape.items()
+                                             if k not in ("architectures", "model_type")}))
+    model.to(getattr(torch, shape["torch_dtype"])).save_pretrained(out_dir,
+                                                                   safe_serialization=True)
+    return out_dir
+
+
 def prepare_data() -> Path:
     """Copy the real texts (from PyPI sdists, via vllm_sepllm.testing.texts) into .bench-data
     as one xz file, small enough to travel to the GPU machine."""

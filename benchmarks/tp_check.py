@@ -39,20 +39,6 @@ SHAPE = {  # small Llama: 8 KV heads split over 2 ranks
 SEPLLM = {"num_sinks": 4, "sep_cap": 16, "window": 64}
 
 
-def make_checkpoint(out: Path, tokenizer_dir: Path, seed: int) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from benchmarks.common import make_dummy_model
-
-    make_dummy_model(out, tokenizer_dir, SHAPE)  # config + tokenizer files
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in SHAPE.items()
-                                             if k not in ("architectures", "model_type")}))
-    model.save_pretrained(out, safe_serialization=True)
-    return out
-
-
 def run_one(args) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
@@ -94,8 +80,10 @@ def main() -> None:
         return run_one(args)
 
     os.environ.setdefault("VLLM_SEPLLM_DECODE_KERNEL", "triton")  # fp32: FA3 has none
-    model = make_checkpoint(Path(tempfile.mkdtemp()) / "llama-small", Path(args.tokenizer_dir),
-                            args.seed)
+    from benchmarks.common import make_random_model
+
+    model = make_random_model(Path(tempfile.mkdtemp()) / "llama-small", Path(args.tokenizer_dir),
+                              SHAPE, args.seed)
     runs = {}
     for tp in (1, 2):
         cmd = [sys.executable, __file__, "--tp", str(tp), "--model", str(model),

@@ -1,4 +1,4 @@
-"""Starting vLLM on CPU for tests: small, eager, float32 (token-exact comparisons)."""
+"""Starting vLLM for tests: on CPU small, eager, float32 (token-exact comparisons)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,17 @@ def cpu_engine_kwargs(**overrides) -> dict:
 
 @contextlib.contextmanager
 def llm_engine(model: str, **overrides) -> Iterator:
+    """A CPU test engine (:func:`cpu_engine_kwargs` with ``overrides``), shut down on exit."""
+    with engine(model, **cpu_engine_kwargs(**overrides)) as llm:
+        yield llm
+
+
+@contextlib.contextmanager
+def engine(model: str, **kwargs) -> Iterator:
+    """``LLM(model, **kwargs)``, shut down on exit."""
     from vllm import LLM
 
-    llm = LLM(model=model, **cpu_engine_kwargs(**overrides))
+    llm = LLM(model=model, **kwargs)
     try:
         yield llm
     finally:

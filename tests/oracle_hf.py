@@ -97,12 +97,13 @@ def sepllm_mask(token_ids: list[int], sep_ids: Iterable[int], a: int, s: int | N
 
 
 @functools.lru_cache(maxsize=2)
-def load_model(model_path: str) -> PreTrainedModel:
-    """The model at ``model_path`` in float32 with eager attention, loaded once per path, in eval mode."""
+def load_model(model_path: str, device: str = "cpu") -> PreTrainedModel:
+    """The model at ``model_path`` in float32 with eager attention, loaded once per path and
+    device, in eval mode."""
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
     )
-    return model.eval()
+    return model.to(device).eval()
 
 
 def _additive(visible: np.ndarray) -> torch.Tensor:
@@ -182,3 +183,49 @@ def greedy_generate(
         first_query = len(tokens)
         tokens.append(next_id)
     return generated
+
+
+@torch.inference_mode()
+def forced_logprobs(
+    model_path: str,
+    prompt_ids: list[int],
+    continuation: list[int],
+    sep_ids: Iterable[int],
+    a: int,
+    s: int | None,
+    w: int,
+    mode: str = "sepllm",
+    cache_size: int | None = None,
+    device: str = "cpu",
+) -> list[float]:
+    """Log-probability of each continuation token when the sequence is forced through it.
+
+    Entry ``i`` is ``log p(continuation[i] | prompt + continuation[:i])`` with every query
+    under the SepLLM visibility (``mode`` and ``sep_ids, a, s, w`` as in
+    :func:`greedy_generate`). With ``cache_size`` the batched rule applies to steps of a
+    request running without chunked prefill: the whole prompt, then one token a step. One
+    forward over the whole sequence gives them all (a query's row depends only on the tokens
+    up to it).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    tokens = list(prompt_ids) + list(continuation[:-1])
+    if mode == "streamingllm":
+        sep_ids = ()
+    elif mode == "full":
+        w = len(tokens)
+    if cache_size is None:
+        visible = _visible_rows(tokens, sep_ids, a, s, w, first_query=0)
+    else:
+        steps = [0, *range(len(prompt_ids), len(tokens))]
+        visible = _batched_rows(tokens, sep_ids, a, s, w, cache_size, steps, first_query=0)
+    model = load_model(model_path, device)
+    first = len(prompt_ids) - 1  # the query that predicts continuation[0]
+    logits = model(
+        input_ids=torch.tensor([tokens], device=device),
+        attention_mask=_additive(visible).to(device),
+        position_ids=torch.arange(len(tokens), device=device)[None],
+    ).logits[0, first:]  # [len(continuation), vocab]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.tensor(continuation, device=device)[:, None]
+    return logprobs.gather(1, target)[:, 0].tolist()
