@@ -66,6 +66,17 @@ def _tokenizer_dir() -> Path:
     return Path(smollm2_path())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _spawn_engines():
+    """Start engine processes by spawn: this process runs torch's CPU thread pool (the random
+    initialisation, the oracle) before each engine, and a child forked from it can deadlock in
+    its first parallel op (the first H200 run hung at that point: after the engine's sampler
+    set-up, before the model load, for 5 minutes)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        yield
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
     # bfloat16 on disk: vLLM (bf16 on CUDA, fp32 on CPU) and the fp32 oracle read the same numbers.
