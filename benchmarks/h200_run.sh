@@ -7,7 +7,8 @@
 # check), w1tp2 (W1 pair at tensor parallel 2), stream_gpu1 (the 4M-token PE-shift stream on GPU 1,
 # in the background; wait_bg waits), agree (vllm bench vs throughput.py, GPU 0), pytest (GPU tests,
 # PYTEST_ARGS), timeline_x2 (decode-step timeline, FLASH_ATTN vs SEPLLM, profile_step.py --timeline),
-# host (scheduler host time per decode step, benchmarks/host_step.py).
+# host (scheduler host time per decode step, benchmarks/host_step.py), pytest_gpu1 (PYTEST1_ARGS
+# on GPU 1 in the background; wait_bg waits).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git_commit=$(cat .commit 2>/dev/null || echo unknown)
@@ -53,6 +54,11 @@ for step in "$@"; do
               > "$OUT/kernel_tests.log" 2>&1; echo "ktests rc=$?"; tail -5 "$OUT/kernel_tests.log" ;;
     pytest) timeout ${PYTEST_S:-200} python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:--m gpu tests} \
               > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; tail -5 "$OUT/pytest.log" ;;
+    pytest_gpu1)  # GPU tests on GPU 1 in the background of the next steps (wait_bg waits)
+      (CUDA_VISIBLE_DEVICES=1 timeout ${PYTEST_S:-200} python3 -m pytest -q -p no:cacheprovider \
+         ${PYTEST1_ARGS:--m gpu tests} > "$OUT/pytest_gpu1.log" 2>&1
+       echo "pytest_gpu1 rc=$?" >> "$OUT/pytest_gpu1.log") &
+      bg=$! ;;
     kbench) timeout ${KBENCH_S:-150} python3 benchmarks/kernels.py --only ${KBENCH_ONLY:-prefill decode} \
               --out "$OUT/h200_kernels.json" > "$OUT/kernels.log" 2>&1; echo "kbench rc=$?"; tail -30 "$OUT/kernels.log" ;;
     w0) pair W0 ${W_S:-400} FLASH_ATTN SEPLLM:a4s64w256 ;;
@@ -64,7 +70,7 @@ for step in "$@"; do
        timeout ${KBENCH_S:-150} python3 benchmarks/kernels.py --only ${KBENCH_ONLY:-prefill decode} \
          --out "$OUT/h200_kernels.json" > "$OUT/kernels.log" 2>&1; echo "kbench rc=$?" >> "$OUT/kernels.log") &
       bg=$! ;;
-    wait_bg) wait ${bg:-}; for f in kernel_tests.log kernels.log stream.log; do
+    wait_bg) wait ${bg:-}; for f in kernel_tests.log kernels.log stream.log pytest_gpu1.log; do
                [ -f "$OUT/$f" ] && { echo "--- $f"; tail -30 "$OUT/$f"; }; done ;;
     w0x2) pair_x2 W0 ${W_S:-400} FLASH_ATTN SEPLLM:a4s64w256 ;;
     w1x2) pair_x2 W1 ${W_S:-480} FLASH_ATTN SEPLLM:a4s64w256 ${W1_MORE:-} ;;
