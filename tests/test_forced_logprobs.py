@@ -19,7 +19,9 @@ dropped anywhere shows.
 Measured (init 0.02, 4 requests of 700 + 64 tokens, a4 s16 w64; HF float32 vs HF bfloat16 as
 the noise scale): the SepLLM oracle differs from StreamingLLM's by 0.31 nats per token on
 average, from full attention by 0.43, from the batched rule (c = 120) by 0.31; bfloat16 noise
-is 0.006 (max 0.02).
+is 0.006 (max 0.02). This test on the H200 (commit 0210165, 80 requests, 6,400 forced tokens per
+rule): vLLM bf16 vs the oracle mean 3.4e-3, max 1.7e-2; the other rules' oracles at >= 0.19 on
+average per request. On CPU (fp32, 10 requests): mean 7e-7, max 4e-6; others >= 0.20.
 """
 
 from __future__ import annotations
