@@ -106,6 +106,18 @@ def load_model(model_path: str, device: str = "cpu") -> PreTrainedModel:
     return model.to(device).eval()
 
 
+def _mode_rule(mode: str, sep_ids: Iterable[int], w: int, length: int) -> tuple[Iterable[int], int]:
+    """The separators and window that express ``mode`` for sequences of ``length`` tokens:
+    StreamingLLM keeps no separators, full attention has a window over everything."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if mode == "streamingllm":
+        return (), w
+    if mode == "full":
+        return sep_ids, length
+    return sep_ids, w
+
+
 def _additive(visible: np.ndarray) -> torch.Tensor:
     """``[Q, K]`` visibility as the ``[1, 1, Q, K]`` float32 mask eager attention adds to its scores."""
     mask = torch.zeros(visible.shape, dtype=torch.float32)
@@ -149,12 +161,7 @@ def greedy_generate(
     Returns:
         the generated token ids only (at most ``max_new_tokens``).
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-    if mode == "streamingllm":
-        sep_ids = ()
-    elif mode == "full":
-        w = len(prompt_ids) + max_new_tokens  # the window covers everything: plain causal
+    sep_ids, w = _mode_rule(mode, sep_ids, w, len(prompt_ids) + max_new_tokens)
     model = load_model(model_path)
     cache = DynamicCache(config=model.config)
     tokens = list(prompt_ids)
@@ -207,13 +214,8 @@ def forced_logprobs(
     forward over the whole sequence gives them all (a query's row depends only on the tokens
     up to it).
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     tokens = list(prompt_ids) + list(continuation[:-1])
-    if mode == "streamingllm":
-        sep_ids = ()
-    elif mode == "full":
-        w = len(tokens)
+    sep_ids, w = _mode_rule(mode, sep_ids, w, len(tokens))
     if cache_size is None:
         visible = _visible_rows(tokens, sep_ids, a, s, w, first_query=0)
     else:

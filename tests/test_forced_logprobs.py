@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.common import make_random_model, real_prompts_and_continuations
+from benchmarks.common import LLAMA3_8B, make_random_model, real_prompts_and_continuations
 from benchmarks.replay import FQCN
 from tests.engine import cpu_engine_kwargs, engine
 from tests.oracle_hf import forced_logprobs
@@ -41,14 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Llama-3's attention layout at a small size (head_dim 128, 4 query heads per KV head, RoPE
 #: theta 500,000) with SmolLM2's tokenizer; transformers' initialisation (std 0.02) makes which
 #: keys a query sees change its output far above bfloat16 noise (figures above).
-SHAPE = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
-    "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 8,
-    "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 49152,
-    "max_position_embeddings": 4096, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-    "hidden_act": "silu", "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-    "bos_token_id": 1, "eos_token_id": 2, "attention_bias": False, "mlp_bias": False,
-}
+SHAPE = dict(LLAMA3_8B, hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=2, vocab_size=49152,
+             max_position_embeddings=4096, tie_word_embeddings=True)
 CUDA = torch.cuda.is_available()
 SEPLLM = {"num_sinks": 4, "sep_cap": 16, "window": 64}
 CACHE_SIZE = 120  # batched eviction: the cache cycles between a + s + w = 84 and 120 tokens
