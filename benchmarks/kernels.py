@@ -161,6 +161,7 @@ def fa_paging_case(timer: Timer, fa, batch: int, length: int, block_size: int, s
     cached tokens, by KV block size and split policy: ``graph`` = what a CUDA-graph replay
     runs (vLLM's split bound with FA3's ahead-of-time schedule, as backend.py builds it),
     ``1`` = no split, ``auto`` = FA3's own heuristic (eager)."""
+    from vllm.config import AttentionConfig
     from vllm.v1.attention.backends.fa_utils import get_scheduler_metadata
 
     fn, version = fa
@@ -171,7 +172,8 @@ def fa_paging_case(timer: Timer, fa, batch: int, length: int, block_size: int, s
     out = torch.empty_like(q)
     key_cache, value_cache = kv_cache.split(HEAD_SIZE, dim=-1)
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-    num_splits, sched = {"auto": 0, "1": 1, "graph": 32}[splits], None
+    graph_bound = AttentionConfig().flash_attn_max_num_splits_for_cuda_graph  # vLLM's default
+    num_splits, sched = {"auto": 0, "1": 1, "graph": graph_bound}[splits], None
     if splits != "auto":
         sched = get_scheduler_metadata(
             batch_size=batch, max_seqlen_q=1, max_seqlen_k=length, num_heads_q=NUM_HEADS,

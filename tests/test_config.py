@@ -103,3 +103,28 @@ def test_request_overrides_flat_keys_from_openai_xargs():
         request_config(engine, {"sepllm_window": -3})
     with pytest.raises(SepLLMConfigError, match="key 'windoww' cannot be set per request"):
         request_config(engine, {"sepllm_windoww": 3})
+
+
+def test_decode_kernel_choice_names_variable_and_value(monkeypatch):
+    """VLLM_SEPLLM_DECODE_KERNEL: a bad value, or 'flash' on a GPU without vLLM's
+    FlashAttention, is refused by name (decode would otherwise fail on the first step)."""
+    import torch
+
+    from vllm_sepllm import backend
+
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    monkeypatch.setattr(backend, "_flash_attn", lambda: None)
+    monkeypatch.delenv("VLLM_SEPLLM_DECODE_KERNEL", raising=False)
+    assert backend.decode_kernel_choice(cuda) == "triton"
+    assert backend.decode_kernel_choice(torch.device("cpu")) == "torch"
+    monkeypatch.setenv("VLLM_SEPLLM_DECODE_KERNEL", "flash")
+    with pytest.raises(ValueError, match="VLLM_SEPLLM_DECODE_KERNEL='flash'.*not available"):
+        backend.decode_kernel_choice(cuda)
+    monkeypatch.setenv("VLLM_SEPLLM_DECODE_KERNEL", "fast")
+    with pytest.raises(ValueError, match="flash, triton or torch; got 'fast'"):
+        backend.decode_kernel_choice(cuda)
+    monkeypatch.setenv("VLLM_SEPLLM_DECODE_KERNEL", "triton")
+    assert not backend.always_plain(356, cuda)  # masked prefill: the worker keeps its records
+    monkeypatch.setattr(backend, "_flash_attn", lambda: object())
+    monkeypatch.setenv("VLLM_SEPLLM_DECODE_KERNEL", "flash")
+    assert backend.always_plain(356, cuda) and not backend.always_plain(None, cuda)

@@ -336,7 +336,7 @@ def test_flash_graph_splits_by_batch():
     vLLM's bound (the choice depends only on the padded batch, fixed per graph)."""
     from types import SimpleNamespace
 
-    from vllm_sepllm.backend import SepLLMMetadataBuilder, _flash_attn
+    from vllm_sepllm.backend import SepLLMMetadataBuilder, _flash_attn, flash_unsplit_reqs
 
     flash = _flash_attn()
     if flash is None or flash.version != 3:
@@ -345,8 +345,9 @@ def test_flash_graph_splits_by_batch():
     b.decode_kernel, b.flash, b.full_graphs, b.max_graph_tokens = "flash", flash, True, 1024
     b.flash_graph_splits, b.num_heads_q, b.num_heads_kv, b.head_size = 32, 32, 8, 128
     b.block_size, b.kv_cache_spec = 16, SimpleNamespace(dtype=torch.bfloat16)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    b.flash_unsplit_reqs = -(-4 * sms // 8)
+    b.flash_unsplit_reqs = flash_unsplit_reqs(torch.device("cuda"), 8)
+    if torch.cuda.get_device_properties(0).multi_processor_count == 132:  # H100 / H200
+        assert b.flash_unsplit_reqs == 66
     b.scheduler_metadata = torch.zeros(1 + 1024 * 4, dtype=torch.int32, device="cuda")
     for reqs, want in [(8, 32), (b.flash_unsplit_reqs - 1, 32), (b.flash_unsplit_reqs, 1),
                        (512, 1)]:

@@ -116,7 +116,8 @@ class SepLLMMetadata:
 def decode_kernel_choice(device: torch.device) -> str:
     """Decode attention: ``VLLM_SEPLLM_DECODE_KERNEL`` = flash | triton | torch. Default: vLLM's
     FlashAttention on CUDA when available (exact here: the cache holds exactly the visible
-    keys), else the Triton kernel on CUDA, else torch."""
+    keys), else the Triton kernel on CUDA, else torch. ``flash`` is available exactly when
+    this returns it."""
     choice = os.environ.get("VLLM_SEPLLM_DECODE_KERNEL")
     if device.type != "cuda":
         return "torch"
@@ -124,6 +125,9 @@ def decode_kernel_choice(device: torch.device) -> str:
         return "flash" if _flash_attn() is not None else "triton"
     if choice not in ("flash", "triton", "torch"):
         raise ValueError(f"VLLM_SEPLLM_DECODE_KERNEL must be flash, triton or torch; got {choice!r}")
+    if choice == "flash" and _flash_attn() is None:
+        raise ValueError("VLLM_SEPLLM_DECODE_KERNEL='flash', but vLLM's FlashAttention is not "
+                         "available on this GPU; use 'triton' or 'torch'")
     return choice
 
 
@@ -131,8 +135,15 @@ def always_plain(cache_size: int | None, device: torch.device) -> bool:
     """Whether every step takes the builder's plain path (no mask anywhere): batched eviction
     (``cache_size``) with vLLM's FlashAttention for decode. The worker then keeps no per-slot
     records (only masks and PE shift read them)."""
-    return (cache_size is not None and decode_kernel_choice(device) == "flash"
-            and _flash_attn() is not None)
+    return cache_size is not None and decode_kernel_choice(device) == "flash"
+
+
+def flash_unsplit_reqs(device: torch.device, num_kv_heads: int) -> int:
+    """Smallest decode batch whose (request, KV head) pairs fill the GPU, 4 per SM, without
+    splitting the keys: its CUDA graph gets one FA3 split, which drops FA3's combine kernel
+    (H200, 512 x 340 cached tokens: 236 -> 221 us a layer, benchmarks/README.md)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return -(-4 * sms // num_kv_heads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,11 +224,7 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
             # (1 + round_up(batch, 4) * 4 int32, flash_api.cpp).
             self.flash_graph_splits = vllm_config.attention_config.\
                 flash_attn_max_num_splits_for_cuda_graph
-            # A batch with this many (request, KV head) pairs fills the GPU without splitting
-            # the keys: its graph gets one split, which drops FA3's combine kernel (H200,
-            # 512 x 340 cached tokens: 236 -> 221 us a layer, benchmarks/README.md).
-            self.flash_unsplit_reqs = -(-4 * torch.cuda.get_device_properties(
-                device).multi_processor_count // self.num_heads_kv)
+            self.flash_unsplit_reqs = flash_unsplit_reqs(device, self.num_heads_kv)
             if self.flash.version == 3:
                 max_batch = max(vllm_config.scheduler_config.max_num_seqs,
                                 self.max_graph_tokens)
