@@ -65,12 +65,13 @@ def test_large_window_equals_default_backend(model_path, prompts):
 
 def test_batched_eviction_equals_hf_oracle(model_path, prompts):
     """cache_size c (batched eviction, no mask): real eviction, token-exact against the oracle's
-    batched rule. Each prompt runs alone, so vLLM's steps are known: prefill chunks of
-    max_num_batched_tokens (256), then one token a step."""
+    batched rule. Prefix caching off, so eviction runs during the prompt too; each prompt runs
+    alone, so vLLM's steps are known: prefill chunks of max_num_batched_tokens (256), then one
+    token a step. (With prefix caching on, the prompt is one step: tests/test_prefix_cpu.py.)"""
     cfg = dict(SEPLLM, cache_size=SEPLLM["num_sinks"] + SEPLLM["sep_cap"] + SEPLLM["window"] + 36)
     chosen = prompts[::5]
     got, stats = [], []
-    with llm_engine(model_path, attention_backend="SEPLLM",
+    with llm_engine(model_path, attention_backend="SEPLLM", enable_prefix_caching=False,
                     additional_config={"sepllm": cfg}) as llm:
         sep_ids = set(llm.llm_engine.vllm_config.additional_config["sepllm"]["separator_token_ids"])
         from vllm import SamplingParams

@@ -24,7 +24,7 @@ def test_sepllm_configures_engine(model_path):
                         additional_config={"sepllm": {"window": 64}})
     assert cfg.scheduler_config.scheduler_cls.startswith("vllm_sepllm.scheduler.SepLLM")
     assert cfg.parallel_config.worker_cls == "vllm_sepllm.worker.SepLLMCPUWorker"
-    assert cfg.cache_config.enable_prefix_caching is False
+    assert cfg.cache_config.enable_prefix_caching is True  # vLLM's default, kept
     assert cfg.use_v2_model_runner is False
     resolved = cfg.additional_config["sepllm"]
     assert resolved["window"] == 64 and resolved["num_sinks"] == 4

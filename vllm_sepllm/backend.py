@@ -237,10 +237,10 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         from vllm_sepllm.worker import SepLLMWorkerState, to_device
 
         cm = common_attn_metadata
-        if cm.num_reqs > 0 and self.decode_kernel != "torch" and (
-                cm.max_query_len == 1 or self.always_plain):
-            return self._build_plain(cm)
         state = SepLLMWorkerState.current
+        if cm.num_reqs > 0 and self.decode_kernel != "torch" and (
+                (cm.max_query_len == 1 and not state.masked_single) or self.always_plain):
+            return self._build_plain(cm)
         assert state.slot_records, "masked attention without slot records (worker.py)"
         num_reqs = cm.num_reqs
         qsl = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
@@ -250,8 +250,13 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         cache_lens = lens_cpu[:num_reqs].tolist()
         device = cm.block_table_tensor.device
 
-        decode_idx = [b for b in range(num_reqs) if qsl[b + 1] - qsl[b] == 1]
-        prefill_idx = [b for b in range(num_reqs) if qsl[b + 1] - qsl[b] > 1]
+        # Rows with one token need no mask (decode), except the scheduler's masked_single.
+        masked = state.masked_single
+        row_ids = state.row_req_ids
+        decode_idx = [b for b in range(num_reqs) if qsl[b + 1] - qsl[b] == 1
+                      and not (masked and row_ids[b] in masked)]
+        decode_set = set(decode_idx)
+        prefill_idx = [b for b in range(num_reqs) if b not in decode_set]
         prefills, triton_prefill = [], None
         if prefill_idx and self.triton_prefill:
             triton_prefill = self._build_triton_prefill(cm, state, prefill_idx, qsl, cache_lens)

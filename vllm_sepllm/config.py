@@ -140,6 +140,18 @@ class SepLLMConfig:
         cap = 0 if self.mode == "streamingllm" else self.sep_cap
         return Retention(num_sinks=self.num_sinks, sep_cap=cap, window=self.window)
 
+    @property
+    def prefix_cache_key(self) -> str:
+        """What a prompt block's KV depends on besides the tokens up to it, under prefix
+        caching (the scheduler computes a prompt before evicting): with ``cache_size`` or in
+        mode full the prompt runs with plain causal attention, whatever a, s and w are;
+        otherwise each prompt query sees what the exact rule (mode, a, s, w) lets it see.
+        Blocks are shared only between requests with the same key (patches.py, item 5)."""
+        if self.cache_size is not None or self.mode == "full":
+            return "causal"
+        r = self.retention
+        return f"{self.mode}:a={r.num_sinks}:s={r.sep_cap}:w={r.window}"
+
     def with_overrides(self, overrides: dict[str, Any], where: str = "sepllm") -> SepLLMConfig:
         """A copy with ``overrides`` applied (validated like the start-up config)."""
         return _from_mapping(overrides, base=self, where=where)

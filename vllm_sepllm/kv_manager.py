@@ -10,8 +10,13 @@ vLLM's full-attention manager plus, per request, a :class:`~vllm_sepllm.policy.R
 * ``pop_blocks_for_free`` (finish, abort, preemption) drops the request's record with its
   blocks.
 
-Prefix caching is off under SEPLLM (compaction rewrites blocks in place, so a block's content
-no longer matches its hash); ``cache_blocks`` refuses to run.
+Prefix caching (vLLM's, unchanged: hashes, hits, LRU) works as long as no hashed or shared
+block is ever written. A request registers blocks only while its cache is still laid out by
+position (nothing evicted yet: ``D = 0``); its first eviction copies the retained tokens out
+of every hashed or shared block into private ones and lets go of them
+(:meth:`SepLLMManager.evict`, ``policy.RequestCache`` "Copy-out"), so they stay valid cache
+entries for every other request. The scheduler defers eviction until the prompt is computed
+(scheduler.py), so every full prompt block is registered.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import dataclasses
 from collections.abc import Collection, Sequence
 
 from vllm.utils.math_utils import cdiv
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import (
     FullAttentionManager,
     register_all_kvcache_specs,
@@ -47,8 +53,8 @@ class SepLLMSpec(FullAttentionSpec):
 
         full = super().max_memory_usage_bytes(vllm_config)
         cap = engine_sepllm_config(vllm_config).max_cache_tokens
-        if cap is None:
-            return full
+        if cap is None or vllm_config.cache_config.enable_prefix_caching:
+            return full  # with prefix caching a prompt is held whole until it is computed
         tokens = cap + vllm_config.scheduler_config.max_num_batched_tokens
         return min(full, cdiv(tokens, self.block_size) * self.page_size_bytes)
 
@@ -58,8 +64,6 @@ class SepLLMManager(FullAttentionManager):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if self.enable_caching:
-            raise ValueError("SEPLLM requires prefix caching off (--no-enable-prefix-caching)")
         self.caches: dict[str, RequestCache] = {}
         #: Blocks returned to the pool by compaction since start-up (a metric).
         self.num_blocks_freed = 0
@@ -70,37 +74,97 @@ class SepLLMManager(FullAttentionManager):
         self.peak_blocks: dict[str, int] = {}
         #: ``sepllm.cache_size`` (set by the scheduler): batched eviction, see policy.py.
         self.cache_size: int | None = None
+        #: Requests whose cache was copied out of shared blocks since the scheduler last
+        #: cleared this (their workers need the whole new block list).
+        self.copied_out: set[str] = set()
 
     # -------------------------------------------------------------- SepLLM operations
     def evict(self, request_id: str, num_computed: int, token_ids: Sequence[int],
               retention: Retention, sep_ids: Collection[int],
-              slot_moves: tuple[list[int], list[int]] | None = None) -> Compaction:
+              slot_moves: tuple[list[int], list[int]] | None = None,
+              deferred_free: list[KVCacheBlock] | None = None) -> Compaction | None:
         """Evict what the request's next query cannot see, compact, free the tail blocks.
 
         ``slot_moves``: lists to which the moves are appended as physical KV slots
         (``block_id * block_size + offset``, through the block list *before* the tail is
         freed: the sources lie in the freed blocks), as the workers apply them.
+        ``deferred_free``: blocks that hold move sources go here instead of back to the pool
+        (the caller frees them once every request of the step has evicted, so that no other
+        request's copy-out gets one of them as a destination of the same step's moves).
+
+        Returns None when a copy-out needs fresh blocks the pool cannot give: the request's
+        record is then inconsistent with its blocks and the caller must preempt it.
         """
         cache = self.caches.get(request_id)
         if cache is None:
             cache = self.caches[request_id] = RequestCache(retention, sep_ids,
                                                            self.cache_size)
-        compaction = cache.advance(num_computed, token_ids)
-        if compaction.num_evicted:
-            blocks = self.req_to_blocks[request_id]
-            bs = self.block_size
-            if slot_moves is not None and compaction.src:
-                src_slots, dst_slots = slot_moves
-                for i in compaction.src:
-                    src_slots.append(blocks[i // bs].block_id * bs + i % bs)
-                for i in compaction.dst:
-                    dst_slots.append(blocks[i // bs].block_id * bs + i % bs)
-            keep = cdiv(len(cache), bs)
-            if keep < len(blocks):
-                tail = blocks[keep:]
-                del blocks[keep:]
-                self.block_pool.free_blocks(reversed(tail))
-                self.num_blocks_freed += len(tail)
+        blocks = self.req_to_blocks[request_id]
+        is_private = None
+        if self.enable_caching and cache.num_evicted == 0:
+            # Only before the first eviction can the request hold hashed or shared blocks.
+            def is_private(b: int) -> bool:
+                return blocks[b].block_hash is None and blocks[b].ref_cnt == 1
+        compaction = cache.advance(num_computed, token_ids, self.block_size, is_private)
+        if not compaction.num_evicted:
+            return compaction
+        if compaction.blocks is not None:
+            return self._copy_out(request_id, compaction, slot_moves, deferred_free)
+        bs = self.block_size
+        if slot_moves is not None and compaction.src:
+            src_slots, dst_slots = slot_moves
+            for i in compaction.src:
+                src_slots.append(blocks[i // bs].block_id * bs + i % bs)
+            for i in compaction.dst:
+                dst_slots.append(blocks[i // bs].block_id * bs + i % bs)
+        keep = cdiv(len(cache), bs)
+        if keep < len(blocks):
+            tail = blocks[keep:]
+            del blocks[keep:]
+            tail.reverse()  # the last block first: vLLM's order of eviction priority
+            if deferred_free is None:
+                self.block_pool.free_blocks(tail)
+            else:
+                deferred_free.extend(tail)
+            self.num_blocks_freed += len(tail)
+        return compaction
+
+    def _copy_out(self, request_id: str, compaction: Compaction,
+                  slot_moves: tuple[list[int], list[int]] | None,
+                  deferred_free: list[KVCacheBlock] | None) -> Compaction | None:
+        """Apply a copy-out layout (``compaction.blocks``): fresh blocks from the pool, moves
+        as physical slots, and every block the new layout does not use released (hashed
+        ones stay in vLLM's prefix cache)."""
+        bs = self.block_size
+        old = self.req_to_blocks[request_id]
+        chosen = {b for b in compaction.blocks if b >= 0}
+        sources = {i // bs for i in compaction.src}
+        # Blocks the request lets go of and no move reads: free now, so that their room can
+        # serve the fresh blocks.
+        idle = [blk for b, blk in enumerate(old) if b not in chosen and b not in sources]
+        busy = [old[b] for b in sorted(sources, reverse=True) if b not in chosen]
+        idle.reverse()
+        self.block_pool.free_blocks(idle)
+        num_fresh = compaction.blocks.count(-1)
+        if num_fresh > self.block_pool.get_num_free_blocks():
+            old[:] = [blk for b, blk in enumerate(old) if b in chosen or b in sources]
+            self.num_blocks_freed += len(idle)
+            return None
+        fresh = iter(self.block_pool.get_new_blocks(num_fresh))
+        new = [old[b] if b >= 0 else next(fresh) for b in compaction.blocks]
+        if slot_moves is not None and compaction.src:
+            src_slots, dst_slots = slot_moves
+            for i in compaction.src:
+                src_slots.append(old[i // bs].block_id * bs + i % bs)
+            for k in compaction.dst:
+                dst_slots.append(new[k // bs].block_id * bs + k % bs)
+        self.num_blocks_freed += len(old) - len(new)
+        old[:] = new
+        self.copied_out.add(request_id)
+        if deferred_free is None:
+            self.block_pool.free_blocks(busy)
+        else:
+            deferred_free.extend(busy)
         return compaction
 
     def num_dropped(self, request_id: str) -> int:
@@ -113,12 +177,16 @@ class SepLLMManager(FullAttentionManager):
                                    new_computed_blocks: Sequence, total_computed_tokens: int,
                                    num_local_computed_tokens: int, num_tokens_main_model: int,
                                    apply_admission_cap: bool = False) -> int:
+        if new_computed_blocks:
+            # Admission with prefix-cache hits (nothing evicted yet, D = 0): vLLM's own rule.
+            return super().get_num_blocks_to_allocate(
+                request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+                num_local_computed_tokens, num_tokens_main_model, apply_admission_cap)
         # vLLM's rule on the cached tokens (num_tokens - D), written out: it runs for every
-        # scheduled request every step (benchmarks/host_step.py). With prefix caching off
-        # (refused in __init__) there are no prefix hits, full attention skips nothing and
-        # no held block is evictable, so vLLM's rule reduces to the blocks the cached tokens
-        # need beyond those held (tests/test_manager_fuzz.py compares it with vLLM's own).
-        assert not new_computed_blocks
+        # scheduled request every step (benchmarks/host_step.py). Without prefix hits, full
+        # attention skips nothing and a request holds no evictable block, so vLLM's rule
+        # reduces to the blocks the cached tokens need beyond those held
+        # (tests/test_manager_fuzz.py compares it with vLLM's own).
         num_tokens -= self.num_dropped(request_id)
         if apply_admission_cap and self.admission_token_cap is not None:
             num_tokens = min(num_tokens, self.admission_token_cap)
@@ -129,7 +197,8 @@ class SepLLMManager(FullAttentionManager):
                             num_tokens_main_model: int):
         dropped = self.num_dropped(request_id)
         held = self.req_to_blocks.get(request_id)
-        if held is not None and cdiv(num_tokens - dropped, self.block_size) <= len(held):
+        if (held is not None and cdiv(num_tokens - dropped, self.block_size) <= len(held)
+                and request_id not in self._partial_hit_reqs):
             return []  # most decode steps: the last block has room (vLLM's rule, short-cut)
         new_blocks = super().allocate_new_blocks(
             request_id, num_tokens - dropped, num_tokens_main_model - dropped
@@ -163,8 +232,11 @@ class SepLLMManager(FullAttentionManager):
         self.peak_blocks.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 
-    def cache_blocks(self, request, num_tokens: int) -> None:  # noqa: ANN001
-        raise RuntimeError("SEPLLM: prefix caching must be off; blocks are rewritten")
+    def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:  # noqa: ANN001
+        # Only a cache still laid out by position (nothing evicted: block i holds tokens
+        # [i * block_size, (i + 1) * block_size)) matches the request's block hashes.
+        if not self.num_dropped(request.request_id):
+            super().cache_blocks(request, num_tokens, *args, **kwargs)
 
 
 def _register() -> None:

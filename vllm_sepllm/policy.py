@@ -38,13 +38,22 @@ RoPE was applied at the logical position). Evicting makes holes; live tokens fro
 move into holes below the new length, so the array stays dense and the tail blocks can be
 freed. New tokens are appended, so a token at position ``p`` computed after ``D`` tokens were
 dropped is written at cache index ``p - D``.
+
+Copy-out (prefix caching)
+-------------------------
+Blocks in vLLM's prefix cache (or held by other requests) must never be written. The first
+eviction of a request that holds such blocks therefore lays the cache out anew instead of
+compacting in place: the new cache is built from the request's *private* blocks (those holding
+the most retained tokens first, then fresh blocks) and every retained token that does not
+already sit in one of them is copied there; the request then lets go of every shared block.
+Later evictions find only private blocks and compact in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 #: Window of the ``full`` mode: larger than any context.
 FULL_WINDOW = 1 << 62
@@ -115,11 +124,16 @@ class Compaction:
 
     ``src[i] -> dst[i]``: cache-index moves, ``src >= new_len > dst``; sources and destinations
     are disjoint, so all moves may run at once. ``num_evicted``: tokens dropped.
+
+    ``blocks`` (copy-out only, see the module docstring): the new layout's blocks, as indices
+    into the old block list (``-1``: a fresh block). ``src`` then indexes the old layout and
+    ``dst`` the new one; a source and a destination never share a physical slot.
     """
 
     src: list[int]
     dst: list[int]
     num_evicted: int
+    blocks: list[int] | None = None
 
 
 #: The no-op result (shared; callers only read it).
@@ -160,12 +174,17 @@ class RequestCache:
     def __len__(self) -> int:
         return len(self.slots)
 
-    def advance(self, n: int, token_ids: Sequence[int]) -> Compaction:
+    def advance(self, n: int, token_ids: Sequence[int], block_size: int = 0,
+                is_private: Callable[[int], bool] | None = None) -> Compaction:
         """Record that positions ``< n`` are computed, evict what query ``n`` cannot see and
         compact. ``token_ids`` must hold (at least) the ids of positions ``< n - w + 1``.
 
         With a ``cache_size`` nothing happens until the cache would hold more than ``c``
-        tokens (``slots`` then catches up on the positions computed meanwhile)."""
+        tokens (``slots`` then catches up on the positions computed meanwhile).
+
+        ``is_private(b)``: whether block ``b`` (cache indices ``[b * block_size, (b + 1) *
+        block_size)``) may be written; when some block may not, an eviction copies out
+        (module docstring) instead of compacting in place."""
         slots, index = self.slots, self.index
         if n < self.num_computed:
             raise ValueError(
@@ -201,6 +220,10 @@ class RequestCache:
         if not holes:
             return _NOTHING
         self.num_evicted += len(holes)
+        if is_private is not None:
+            num_blocks = -(-len(slots) // block_size)
+            if not all(is_private(b) for b in range(num_blocks)):
+                return self._copy_out(holes, block_size, is_private, num_blocks)
         if len(holes) == 1:  # steady decode: one token leaves the window each step
             return self._fill_one(holes[0])
         return self._fill_holes(holes)
@@ -228,3 +251,36 @@ class RequestCache:
             self.index[pos] = d
         del slots[new_len:]
         return Compaction(src, dst, len(holes))
+
+    def _copy_out(self, holes: list[int], block_size: int, is_private: Callable[[int], bool],
+                  num_blocks: int) -> Compaction:
+        """Lay the retained tokens out over private blocks only (module docstring): the
+        private blocks holding the most retained tokens keep their place and their tokens;
+        every other retained token is copied into a free slot below the new length."""
+        slots, bs = self.slots, block_size
+        old_len = len(slots)
+        new_len = old_len - len(holes)
+        hole_set = set(holes)
+        live = [0] * num_blocks
+        for i in range(old_len):
+            if i not in hole_set:
+                live[i // bs] += 1
+        private = [b for b in range(num_blocks) if is_private(b)]
+        private.sort(key=lambda b: -live[b])  # stable: lower blocks first among equals
+        chosen = private[: -(-new_len // bs)]
+        blocks = chosen + [-1] * (-(-new_len // bs) - len(chosen))
+        new_slots = [-1] * new_len
+        staying = set()
+        for j, b in enumerate(chosen):
+            for o in range(min(bs, new_len - j * bs)):
+                i = b * bs + o
+                if i < old_len and i not in hole_set:
+                    new_slots[j * bs + o] = slots[i]
+                    staying.add(i)
+        src = [i for i in range(old_len) if i not in hole_set and i not in staying]
+        dst = [k for k in range(new_len) if new_slots[k] < 0]
+        for i, k in zip(src, dst, strict=True):
+            new_slots[k] = slots[i]
+        self.slots = new_slots
+        self.index = {pos: k for k, pos in enumerate(new_slots)}
+        return Compaction(src, dst, len(holes), blocks)

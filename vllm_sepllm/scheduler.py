@@ -5,6 +5,15 @@ every running request evicts what its next query cannot see (:meth:`SepLLMManage
 which compacts its cache and frees blocks *before* vLLM allocates new ones. The step's
 :class:`StepPlan` rides on the ``SchedulerOutput`` to the workers, which move the KV of
 compacted requests and write new tokens at cache index ``position - D``.
+
+With prefix caching on (vLLM's default), a request evicts only once its prompt is computed
+(up to its last token): until then its cache is laid out by position, each full prompt block
+is registered in vLLM's prefix cache and prompt chunks attend the whole prompt under the
+request's rule (the SepLLM mask in exact mode, plain causal attention with ``cache_size``), so
+a prompt block's KV depends only on the tokens before it and the request's KV settings, which
+the block hashes carry (patches.py, item 5). The first eviction then copies the retained
+tokens out of the shared blocks (kv_manager.py). With prefix caching off, eviction runs from
+the first prompt chunk on (bounded memory for prompts longer than the pool allows).
 """
 
 from __future__ import annotations
@@ -38,7 +47,10 @@ class StepPlan:
     attention mask keeps, for the requests with more than one token this step (decode rows
     need no mask; none at all with ``cache_size``). ``compactions``: the requests compacted
     this step and how many blocks each keeps. ``src``/``dst``: the KV moves of all of them,
-    as physical slots, to run at once.
+    as physical slots, to run at once. ``block_ids``: the new block list of each request
+    whose cache was copied out of shared blocks this step (kv_manager.py). ``masked_single``:
+    requests with one token this step that still need the mask (a one-token prompt chunk
+    before the prompt's eviction, exact mode with prefix caching).
     """
 
     dropped: dict[str, int]
@@ -46,6 +58,8 @@ class StepPlan:
     compactions: dict[str, int]
     src: list[int]
     dst: list[int]
+    block_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    masked_single: list[str] = dataclasses.field(default_factory=list)
 
 
 class _SepLLMSchedulerMixin:
@@ -66,8 +80,10 @@ class _SepLLMSchedulerMixin:
         self.sepllm_manager: SepLLMManager = managers[0]
         # Batched eviction (policy.py): evict only past c tokens; no row needs a mask.
         self.sepllm_manager.cache_size = self.sepllm_config.cache_size
+        # Prefix caching: prompts are held whole until computed (module docstring).
+        self.sepllm_defer = self.kv_cache_manager.enable_caching
         cap = self.sepllm_config.max_cache_tokens
-        if cap is not None:
+        if cap is not None and not self.sepllm_defer:
             self.sepllm_manager.admission_token_cap = cap + self.max_num_scheduled_tokens
         # Counter increments since the last make_stats (vllm:sepllm_*, metrics.py).
         self.sepllm_stats = SepLLMStepStats()
@@ -114,10 +130,15 @@ class _SepLLMSchedulerMixin:
         # request -> (blocks kept, its moves src[i:j], blocks freed)
         compacted: dict[str, tuple[int, int, int, int]] = {}
         freed_before = mgr.num_blocks_freed
+        defer = self.sepllm_defer
+        deferred_free: list = []
+        short: list[Request] = []
         for request in self.running:
             n = request.num_computed_tokens
             if not n:
                 continue
+            if defer and n < request.num_prompt_tokens - 1:
+                continue  # the prompt is still being computed: its blocks stay as they are
             rid = request.request_id
             if cache_size is not None:
                 # RequestCache.advance's own early return, tested here to skip two calls per
@@ -128,11 +149,22 @@ class _SepLLMSchedulerMixin:
             i = len(src)
             freed = mgr.num_blocks_freed
             comp = mgr.evict(rid, n, request.all_token_ids, self._retention_of(request),
-                             sep_ids, moves)
-            if comp.num_evicted:
+                             sep_ids, moves, deferred_free)
+            if comp is None:
+                short.append(request)
+            elif comp.num_evicted:
                 stats.evicted_tokens += comp.num_evicted
                 compacted[rid] = (len(mgr.req_to_blocks[rid]), i, len(src),
                                   mgr.num_blocks_freed - freed)
+        if deferred_free:
+            mgr.block_pool.free_blocks(deferred_free)
+        for request in short:
+            # Its copy-out found no free block: preempt it, as vLLM does when a request's next
+            # blocks do not fit (it resumes from its prefix-cache hits).
+            logger.debug("sepllm: request %s preempted: no free block to copy out its cache",
+                         request.request_id)
+            self.running.remove(request)
+            self._preempt_request(request, time.monotonic())
         stats.freed_blocks += mgr.num_blocks_freed - freed_before
         stats.eviction_seconds += time.perf_counter() - t0
 
@@ -158,13 +190,29 @@ class _SepLLMSchedulerMixin:
         scheduled = output.num_scheduled_tokens
         dropped = {rid: caches[rid].num_evicted for rid in compacted}
         dropped.update((rid, 0) for rid in scheduled if rid not in caches)
+        masked_single: list[str] = []
         if cache_size is None:
             retention = {rid: self._retention_of(self.requests[rid])
                          for rid, q in scheduled.items() if q > 1}
+            if defer:
+                for rid, q in scheduled.items():
+                    if q == 1 and not mgr.num_dropped(rid):
+                        request = self.requests[rid]
+                        r = self._retention_of(request)
+                        # The token's position (num_computed_tokens already counts it): a
+                        # deferred prompt token, with tokens its query no longer sees.
+                        t = request.num_computed_tokens - 1
+                        if r.num_sinks + r.window <= t < request.num_prompt_tokens - 1:
+                            masked_single.append(rid)
+                            retention[rid] = r
         else:
             retention = {}
+        block_ids = {rid: [b.block_id for b in mgr.req_to_blocks[rid]]
+                     for rid in compacted if rid in mgr.copied_out}
+        mgr.copied_out.clear()
         setattr(output, PLAN_ATTR, StepPlan(
-            dropped, retention, {rid: c[0] for rid, c in compacted.items()}, src, dst))
+            dropped, retention, {rid: c[0] for rid, c in compacted.items()}, src, dst,
+            block_ids, masked_single))
         return output
 
     # ------------------------------------------------------------------ metrics

@@ -48,6 +48,8 @@ class SepLLMWorkerState:
         sep_table: [vocab] bool, separator lookup by token id.
         row_dropped_cpu: [max_num_reqs] int32, ``D`` of each persistent-batch row this step.
         row_req_ids: request id of each row this step (:meth:`row_retention`).
+        masked_single: requests whose one token this step still needs the mask (the
+            scheduler's ``StepPlan.masked_single``); such a step is not a uniform decode.
     """
 
     current: SepLLMWorkerState | None = None
@@ -69,6 +71,7 @@ class SepLLMWorkerState:
                                            pin_memory=device.type == "cuda")
         self.row_dropped = torch.zeros(max_num_reqs, dtype=torch.int32, device=device)
         self.row_req_ids: list[str] = []
+        self.masked_single: frozenset[str] = frozenset()
         self.compaction_timer = CompactionTimer(device)
         # PE shift (rope_shift.py): RoPE position of the key in each slot, requests whose
         # keys need re-rotation, this step's RoPE positions of the new tokens.
@@ -187,6 +190,7 @@ class SepLLMRunnerMixin:
             state.rerotate.discard(req_id)
         if state.origin_pending is not None:  # last step's keys, before anything moves them
             self._sepllm_save_origin()
+        state.masked_single = frozenset(plan.masked_single) if plan is not None else frozenset()
         if plan is not None:
             if plan.compactions:
                 self._sepllm_compact(plan)
@@ -204,7 +208,13 @@ class SepLLMRunnerMixin:
             if req_state is None:
                 continue
             blocks = req_state.block_ids[0]
-            if num_blocks < len(blocks):
+            new_ids = plan.block_ids.get(req_id)
+            if new_ids is not None:  # copied out of shared blocks: a new block list
+                blocks[:] = new_ids
+                row = self.input_batch.req_id_to_index.get(req_id)
+                if row is not None:
+                    table.add_row(new_ids, row)
+            elif num_blocks < len(blocks):
                 del blocks[num_blocks:]
                 row = self.input_batch.req_id_to_index.get(req_id)
                 if row is not None:
@@ -307,6 +317,14 @@ class SepLLMRunnerMixin:
         for kv, origin in zip(self.kv_caches, state.key_origin):
             origin.view(-1, *origin.shape[2:])[slots] = kv.view(-1, *kv.shape[2:])[slots, :, :d]
         state.rerotate_timer.stop()
+
+    def _is_uniform_decode(self, *args, force_uniform_decode: bool | None = None, **kwargs):
+        # A one-token row that needs the mask cannot replay a full CUDA graph (whose
+        # attention is the plain decode): such a step runs piecewise.
+        if force_uniform_decode is None and self.sepllm.masked_single:
+            return False
+        return super()._is_uniform_decode(*args, force_uniform_decode=force_uniform_decode,
+                                          **kwargs)
 
     def _preprocess(self, scheduler_output, *args, **kwargs):
         # PE shift: the model gets RoPE positions relative to the cache. They go into vLLM's
