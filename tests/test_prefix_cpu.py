@@ -1,0 +1,119 @@
+"""Prefix caching under SEPLLM, end to end on CPU with the real model (fp32, block size 16).
+
+Requests share prompt prefixes of 1 to 3 blocks; every one runs cold (prefix cache reset, alone)
+and again after a leader seeded the cache, the rest together (their evictions cut into the
+shared blocks). Checked: the hit run gives the cold run's greedy tokens and both equal the
+Hugging Face oracle of the request's own rule; vLLM's own counters (``num_cached_tokens``,
+``vllm:prefix_cache_hits``) show the hits; requests whose KV settings differ do not share
+(exact eviction) or do (batched eviction: the prompt runs with plain causal attention); the KV
+bytes of every cached block are unchanged after requests evicted from it; nothing is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.oracle_hf import greedy_generate
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = 16
+NEW_TOKENS = 24
+ENGINE = {"num_sinks": 4, "sep_cap": 16, "window": 64}
+
+
+def probe(model: str, tmp_path, spec: dict) -> dict:
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({**spec, "model": model, "new_tokens": NEW_TOKENS}))
+    proc = subprocess.run([sys.executable, "-m", "tests.prefix_probe", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-6000:]
+    return json.loads(lines[-1][len("PROBE "):])
+
+
+@pytest.fixture(scope="module")
+def texts(tokenizer):
+    from vllm_sepllm.testing.texts import real_text_prompts
+
+    return [tokenizer.encode(t, add_special_tokens=False)
+            for t in real_text_prompts(tokenizer, 6, 1200, seed=3)]
+
+
+def requests_for(texts) -> tuple[dict, list[str], dict[str, int]]:
+    """Named requests, the leaders that seed the cache, and the prefix each one shares."""
+    pa, pb = texts[0][:3 * BLOCK], texts[4][:BLOCK + 4]  # 3 blocks; 1 block + 4 tokens
+    reqs = {
+        "a0": {"prompt": pa + texts[1][:120]},
+        "a1": {"prompt": pa + texts[2][:150]},
+        "a2": {"prompt": pa + texts[3][:90]},
+        "a3": {"prompt": pa + texts[2][:150]},  # a1's whole prompt
+        "a_same": {"prompt": pa + texts[5][:110], "sepllm": dict(ENGINE)},  # = engine's
+        "a_w32": {"prompt": pa + texts[4][40:170], "sepllm": {"window": 32}},
+        "a_stream": {"prompt": pa + texts[5][200:330], "sepllm": {"mode": "streamingllm"}},
+        "b0": {"prompt": pb + texts[5][:140]},
+        "b1": {"prompt": pb + texts[1][300:430]},
+    }
+    shared = {"a1": 3 * BLOCK, "a2": 3 * BLOCK, "a_same": 3 * BLOCK, "b1": BLOCK,
+              # a3 = a1 (run in the same batch): at least a0's 3 shared blocks
+              "a3": 3 * BLOCK, "a_w32": 3 * BLOCK, "a_stream": 3 * BLOCK}
+    return reqs, ["a0", "b0"], shared
+
+
+def oracle(model_path, prompt, sep_ids, cfg) -> list[int]:
+    return greedy_generate(model_path, prompt, NEW_TOKENS, sep_ids, cfg["num_sinks"],
+                           cfg["sep_cap"], cfg["window"], mode=cfg.get("mode", "sepllm"),
+                           cache_size=cfg.get("cache_size"))
+
+
+def sep_ids_of(tokenizer) -> set[int]:
+    from vllm_sepllm.config import SepLLMConfig
+    from vllm_sepllm.separators import separator_token_ids
+
+    return set(separator_token_ids(tokenizer, SepLLMConfig()))
+
+
+@pytest.mark.parametrize("cache_size", [None, 120], ids=["exact", "batched"])
+def test_prefix_hits_equal_cold_and_oracle(model_path, tokenizer, texts, tmp_path, cache_size):
+    reqs, leaders, shared = requests_for(texts)
+    engine = dict(ENGINE, cache_size=cache_size)
+    # Exact eviction shares only between equal rules; batched eviction computes every prompt
+    # with plain causal attention, so a different window still shares.
+    no_share = {"a_w32", "a_stream"} if cache_size is None else set()
+    res = probe(model_path, tmp_path, {"sepllm": engine, "requests": reqs, "leaders": leaders})
+
+    cold = res["cold"]
+    hit = {**res["leaders"], **res["followers"]}
+    assert all(cold[n]["cached"] == 0 for n in reqs) and res["hits_after_cold"] == 0
+    for name, want in shared.items():
+        if name in no_share:
+            assert hit[name]["cached"] == 0, name
+        else:
+            assert hit[name]["cached"] >= want, (name, hit[name]["cached"])
+            # Its eviction cut into the shared blocks (the window starts past them).
+            assert hit[name]["kv"]["kv_evicted"] > 0
+            assert len(reqs[name]["prompt"]) - ENGINE["window"] > want
+    total_hits = sum(h["cached"] for h in hit.values())
+    assert total_hits >= 3 * BLOCK * 4 + BLOCK
+    assert res["hits_end"] - res["hits_after_cold"] == total_hits  # vLLM's own counter
+
+    sep_ids = sep_ids_of(tokenizer)
+    mismatches = []
+    for name, r in reqs.items():
+        cfg = dict(engine, **(r.get("sepllm") or {}))
+        want = oracle(model_path, r["prompt"], sep_ids, cfg)
+        if not (hit[name]["tokens"] == cold[name]["tokens"] == want):
+            mismatches.append(name)
+    assert not mismatches, f"hit / cold / oracle differ for {mismatches}"
+
+    # Cached blocks were never written while requests hit them and evicted from them.
+    assert res["blocks_checked"] >= 15 and res["blocks_changed"] == []
+    # Nothing left: no record, no held block, every reference returned.
+    assert res["records_end"] == 0 and res["blocks_held_end"] == 0
+    assert res["free_blocks_end"] == res["usable_blocks"] and res["ref_counts_end"] == [0]
