@@ -117,3 +117,19 @@ def test_prefix_hits_equal_cold_and_oracle(model_path, tokenizer, texts, tmp_pat
     # Nothing left: no record, no held block, every reference returned.
     assert res["records_end"] == 0 and res["blocks_held_end"] == 0
     assert res["free_blocks_end"] == res["usable_blocks"] and res["ref_counts_end"] == [0]
+
+
+def test_one_token_prompt_chunks(model_path, tokenizer, texts):
+    """Exact eviction defers a prompt's eviction until the prompt is computed, so a one-token
+    prompt chunk (a budget remainder; here every chunk, ``long_prefill_token_threshold=1``)
+    still needs the mask: the scheduler marks such rows and the backend masks them."""
+    from tests.engine import greedy_ids, llm_engine
+
+    prompts = [texts[0][:3 * BLOCK] + texts[i][:100 + 9 * i] for i in (1, 2)]
+    with llm_engine(model_path, attention_backend="SEPLLM", block_size=BLOCK,
+                    long_prefill_token_threshold=1,
+                    additional_config={"sepllm": ENGINE}) as llm:
+        got = greedy_ids(llm, prompts, 8)
+    sep_ids = sep_ids_of(tokenizer)
+    assert got == [greedy_generate(model_path, p, 8, sep_ids, ENGINE["num_sinks"],
+                                   ENGINE["sep_cap"], ENGINE["window"]) for p in prompts]
