@@ -8,7 +8,8 @@
 # in the background; wait_bg waits), agree (vllm bench vs throughput.py, GPU 0), pytest (GPU tests,
 # PYTEST_ARGS), timeline_x2 (decode-step timeline, FLASH_ATTN vs SEPLLM, profile_step.py --timeline),
 # host (scheduler host time per decode step, benchmarks/host_step.py), pytest_gpu1 (PYTEST1_ARGS
-# on GPU 1 in the background; wait_bg waits).
+# on GPU 1 in the background; wait_bg waits), prefix_light|prefix_heavy (prefix-cached serving,
+# `vllm serve` + `vllm bench serve`, FLASH_ATTN vs SEPLLM, benchmarks/prefix_serve.sh; PREFIX_S each).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git_commit=$(cat .commit 2>/dev/null || echo unknown)
@@ -111,6 +112,11 @@ for step in "$@"; do
         timeout ${HOST_S:-120} python3 benchmarks/host_step.py --tokenizer-dir .gpu/tok --steps 100 \
           --sepllm "{\"num_sinks\": 4, \"sep_cap\": 64, \"window\": 256$c}" 2>&1 | grep -v "INFO\|WARNING" | tail -4
       done | tee "$OUT/host_step.log" ;;
+    prefix_light|prefix_heavy)  # prefix-cached serving, FLASH_ATTN vs SEPLLM (benchmarks/prefix_serve.sh)
+      p=${step#prefix_}
+      CUDA_VISIBLE_DEVICES=0 timeout ${PREFIX_S:-560} bash benchmarks/prefix_serve.sh "$OUT" $p 2>&1
+      echo "$step rc=$?"  # 4 files in $OUT: h200_prefix_$p{_FLASH_ATTN.json,_SEPLLM.json,_meta.json,.log}
+      python3 benchmarks/plot_prefix.py --dir "$OUT" --points $p --no-plot ;;
     cli) timeout ${CLI_S:-300} bash benchmarks/gpu_cli_check.sh "$OUT/cli" > "$OUT/cli.log" 2>&1; echo "cli rc=$?"; tail -20 "$OUT/cli.log" ;;
     *) echo "unknown step $step" ;;
   esac

@@ -4,11 +4,11 @@ from `vllm bench serve`'s result JSONs.
     python benchmarks/plot_prefix.py [--dir benchmarks/results] [--name h200_prefix] \\
         [--points light heavy] [--backends FLASH_ATTN SEPLLM] [--no-plot]
 
-Reads DIR/NAME_<point>_<backend>.json (and, where prefix_serve.sh saved them, the server's
-/metrics lines in NAME_<point>_<backend>.metrics.txt). Prints per point a markdown table: TTFT
-p50/p99, TPOT p50/p99, E2E latency p50 (ms), completed requests, requests/s, goodput/s (the
-SLOs given to bench serve: TTFT <= 2 s and TPOT <= 50 ms), prefix-cache hit rate, and a row with
-the ratio of each later backend to the first. Writes DIR/NAME.png (per point: TTFT, TPOT and
+Reads DIR/NAME_<point>_<backend>.json and DIR/NAME_<point>_meta.json (the server's /metrics
+counters, saved by prefix_serve.sh). Prints per point a markdown table: TTFT p50/p99, TPOT
+p50/p99, E2E latency p50 (ms), completed requests, requests/s, goodput/s (the SLOs given to bench
+serve: TTFT <= 2 s and TPOT <= 50 ms), output tok/s, prefix-cache hit rate, preemptions, and a
+row with the ratio of each later backend to the first. Writes DIR/NAME.png (per point: TTFT, TPOT and
 goodput bars per backend) where matplotlib imports.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,30 +24,27 @@ COLUMNS = [("p50_ttft_ms", "TTFT p50 ms"), ("p99_ttft_ms", "TTFT p99 ms"),
            ("p50_tpot_ms", "TPOT p50 ms"), ("p99_tpot_ms", "TPOT p99 ms"),
            ("p50_e2el_ms", "E2E p50 ms"), ("completed", "done"),
            ("request_throughput", "req/s"), ("request_goodput", "goodput req/s"),
-           ("prefix_hit_rate", "prefix hits")]
-
-
-def prefix_hit_rate(path: Path) -> float | None:
-    """Hits over queried tokens of vLLM's prefix cache, summed over the /metrics lines."""
-    if not path.exists():
-        return None
-    total = {"hits": 0.0, "queries": 0.0}
-    for line in path.read_text().splitlines():
-        m = re.match(r"vllm:prefix_cache_(hits|queries)_total(\{.*\})? ([0-9.eE+-]+)$", line)
-        if m:
-            total[m.group(1)] += float(m.group(3))
-    return total["hits"] / total["queries"] if total["queries"] else None
+           ("output_throughput", "out tok/s"),
+           ("prefix_hit_rate", "prefix hits"), ("preemptions", "preempted")]
 
 
 def load(directory: Path, name: str, points: list[str], backends: list[str]) -> dict:
-    """{point: {backend: record}} for the JSONs that exist."""
+    """{point: {backend: record}} for the JSONs that exist; each record gets ``prefix_hit_rate``
+    (prefix-cache hits over queried tokens, from the server's counters in the meta JSON)."""
     runs: dict[str, dict[str, dict]] = {}
     for point in points:
+        meta_path = directory / f"{name}_{point}_meta.json"
+        servers = json.loads(meta_path.read_text()).get("servers", {}) if meta_path.exists() else {}
         for backend in backends:
             path = directory / f"{name}_{point}_{backend}.json"
             if path.exists():
                 rec = json.loads(path.read_text())
-                rec["prefix_hit_rate"] = prefix_hit_rate(path.with_suffix(".metrics.txt"))
+                counters = servers.get(backend, {}).get("metrics", {})
+                queries = counters.get("prefix_cache_queries_total")
+                rec["prefix_hit_rate"] = (counters.get("prefix_cache_hits_total", 0) / queries
+                                          if queries else None)
+                preempted = counters.get("num_preemptions_total")
+                rec["preemptions"] = None if preempted is None else int(preempted)
                 runs.setdefault(point, {})[backend] = rec
     return runs
 

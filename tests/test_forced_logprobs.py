@@ -118,7 +118,7 @@ def _run(model: str, reqs, sepllm: dict):
         comp = out.outputs[0]
         assert list(comp.token_ids) == list(cont), "the replay did not force the continuation"
         got.append(np.array([step[t].logprob for step, t in zip(comp.logprobs, cont)]))
-    stats = [o.kv_transfer_params["sepllm"] for o in outs]
+    stats = [dict(o.kv_transfer_params["sepllm"], cached=o.num_cached_tokens) for o in outs]
     return got, set(seps), stats
 
 
@@ -163,3 +163,23 @@ def test_batched_eviction_matches_oracle(model, requests_):
     assert all(0 < st["kv_evicted"] and st["kv_retained"] <= CACHE_SIZE + 1 for st in stats)
     _check(model, requests_, got, sep_ids, {"cache_size": CACHE_SIZE},
            {"full attention": {"mode": "full"}, "exact rule": {}})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", [{}, {"cache_size": CACHE_SIZE}], ids=["exact", "batched"])
+def test_prefix_hits_match_oracle(model, requests_, rule):
+    """Prefix caching (on, vLLM's default) on the GPU path: 40 requests whose prompts start with
+    the same 320 tokens (20 blocks) run in one batch, so most are admitted with prefix hits on
+    blocks an earlier one registered, prefill only their own tail (masked Triton prefill over
+    hit blocks with exact eviction) and copy their retained tokens out of the shared blocks at
+    their first eviction. Each must still match the oracle of its rule."""
+    shared = requests_[0][0][:320]
+    reqs = [(shared + p[-(280 + 29 * i % 300):], c) for i, (p, c) in enumerate(requests_[1:41])]
+    got, sep_ids, stats = _run(model, reqs, dict(SEPLLM, **rule))
+    hits = [st["cached"] for st in stats]
+    assert sum(h >= 256 for h in hits) >= 0.75 * len(reqs), hits  # 320 in blocks of 16, 256 of 128
+    assert all(st["kv_evicted"] > 0 for st in stats)
+    others = {"full attention": {"mode": "full"}}
+    others["batched rule" if not rule else "exact rule"] = (
+        {"cache_size": CACHE_SIZE} if not rule else {})
+    _check(model, reqs, got, sep_ids, rule, others)
