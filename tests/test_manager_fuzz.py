@@ -29,6 +29,35 @@ worker's block list equals the manager's, and (after each eviction) the cached p
 exactly ``retained_positions`` of the current ``num_computed``; and the physical KV every
 running request would read is checked slot by slot. At the end every request is freed and no
 block, cache record or block-list entry may be left.
+
+Prefix caching (``PrefixFuzzer``, ``PREFIX_CASES``): the same with vLLM's own
+``KVCacheManager`` (Unitary coordinator, a ``BlockPool`` with caching, our manager in it) and
+real vLLM ``Request`` objects, whose block hashes vLLM's hasher computes with the request's
+prefix key as ``cache_salt`` (``sepllm[<SepLLMConfig.prefix_cache_key>]``, as patches.py sets
+it, sometimes behind a user salt). Prompts share prefixes (a few common ones of 1-5 blocks,
+some ending inside a block; parts of earlier prompts; identical prompts; bursts of requests
+with the same start and settings), and requests draw their settings from a few shared ones
+(same key: they may share blocks) or their own (they must not). Admission is vLLM's:
+``get_computed_blocks`` then ``allocate_slots`` with the hits (gate, touch, new blocks,
+``cache_blocks``); running requests allocate through ``allocate_slots`` (vLLM's FCFS
+preemption in batch steps). The eviction loop is ``SepLLMScheduler.schedule``'s: no eviction
+while ``num_computed < num_prompt_tokens - 1``, ``deferred_free`` freed after the loop, a
+copy-out short of free blocks preempts its request, ``copied_out`` checked and cleared; the
+worker gets the copied-out request's new block list and runs the step's moves (reads before
+writes) of the requests still running after the step's allocations. The physical store holds
+tags: ``(key, position, fingerprint of the tokens up to it)`` for KV computed while the
+request has dropped nothing (what any request with that key and those tokens computes), the
+request's incarnation otherwise. Checked after every operation, besides the above: exact
+reference counts (one per request holding the block), the pool conserved with shared blocks
+counted once, every hashed block holds exactly the KV its hash stands for and never changes
+while hashed, a request's hit blocks hold the KV of its own tokens under its own key, a request
+that dropped tokens holds only private blocks and registers nothing, one laid out by position
+has every computed full block registered, a prompt is held whole until computed; per eviction,
+the copy-out layout (kept private blocks, fresh blocks, the released blocks that hold move
+sources deferred), the moves as physical slots, and the KV each new cache index then holds.
+The counts (hits of each kind, misses only the key caused, copy-outs, fresh blocks, copy-outs
+short of blocks, dropped moves, requests holding shared blocks preempted or removed) must show
+that each path ran.
 """
 
 from __future__ import annotations
@@ -40,12 +69,19 @@ from collections import Counter
 import pytest
 import torch
 
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import sha256
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.core.kv_cache_utils import get_block_hash, get_request_block_hasher, init_none_hash
 from vllm.v1.core.single_type_kv_cache_manager import (
     FullAttentionManager,
     get_manager_for_kv_cache_spec,
 )
+from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.request import Request
+from vllm_sepllm.config import SepLLMConfig
 from vllm_sepllm.kv_manager import SepLLMManager, SepLLMSpec
 from vllm_sepllm.policy import Retention, retained_positions
 
@@ -475,6 +511,675 @@ def test_manager_invariants_fuzz(seed, num_blocks, reserve_full_isl, max_live, c
     elapsed = time.perf_counter() - t0
     print(f"seed {seed}: {num_ops} ops, {f.num_usable} blocks, {elapsed:.2f}s, {dict(s)}")
 
+
+# ====================================================================== prefix caching
+#: Prefix caching on (vLLM's default): (seed, usable blocks, admission gate, max live, c). The
+#: cases with a c batch eviction (``cache_size``): every request's key is then "causal", so
+#: requests with different retention share blocks. The small pools (48, 64 blocks) make
+#: copy-outs short of free blocks and preemptions after a step's evictions frequent.
+PREFIX_CASES = [(20, 64, True, 12, None), (21, 96, False, 16, None), (22, 160, True, 20, None),
+                (23, 48, False, 16, None), (24, 96, False, 16, 80), (25, 64, False, 20, 80)]
+PREFIX_OPS = 6000
+PREFIX_STATS: dict[int, Counter] = {}  # seed -> the case's counts (for the totals)
+
+
+class PrefixReq(Req):
+    """A request with prefix caching: the vLLM :class:`Request` (token ids, block hashes with
+    the request's salt as vLLM's ``cache_salt``) and what each position's KV must be."""
+
+    def __init__(self, rid: str, max_out: int, cfg: SepLLMConfig, sep_density: float,
+                 salt: str, prompt: list[int], hasher):
+        super().__init__(rid, max_out, cfg.retention, sep_density)
+        self.salt = salt
+        self.vreq = Request(rid, list(prompt), SamplingParams(max_tokens=max_out), None,
+                            cache_salt=salt, block_hasher=hasher)
+        self.tokens = list(prompt)
+        self.fp: list[int] = []  # fingerprint of the token prefix up to each position
+        self.tag: dict[int, tuple] = {}  # position -> the KV tag this incarnation must read
+        self.num_hashes_seen = 0
+        self.num_preemptions = 0
+
+    @property
+    def num_prompt(self) -> int:
+        return self.vreq.num_prompt_tokens  # vLLM keeps the original prompt across preemption
+
+
+class PrefixFuzzer(Fuzzer):
+    """The fuzz with vLLM's prefix caching on (module docstring, "Prefix caching").
+
+    Physical KV tags: a token computed while the request has dropped nothing (``D = 0``) is
+    written as ``(salt, position, fingerprint of the tokens up to it)``: the KV any request
+    with the same salt and the same tokens up to that position computes too (what a prefix
+    hit relies on). A token computed after the first eviction is tagged with the request's
+    incarnation (``("i", incarnation, position)``): nobody else may ever read it.
+    """
+
+    def __init__(self, seed: int, num_usable: int, reserve_full_isl: bool, max_live: int,
+                 cache_size: int | None = None):
+        self.rng = rng = random.Random(seed)
+        self.num_usable = num_usable
+        init_none_hash(sha256)  # vLLM's default prefix_caching_hash_algo
+        self.hasher = get_request_block_hasher(BLOCK_SIZE, sha256)
+        spec = SepLLMSpec(block_size=BLOCK_SIZE, num_kv_heads=1, head_size=8,
+                          dtype=torch.float16)
+        kv_config = KVCacheConfig(num_blocks=num_usable + 1, kv_cache_tensors=[],
+                                  kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
+        # vLLM's own KVCacheManager (Unitary coordinator, BlockPool with caching) as the
+        # scheduler builds it; its single manager is ours.
+        self.kvm = KVCacheManager(kv_config, max_model_len=MAX_MODEL_LEN,
+                                  scheduler_block_size=BLOCK_SIZE, hash_block_size=BLOCK_SIZE,
+                                  max_in_flight_tokens=4096, enable_caching=True)
+        self.pool = self.kvm.block_pool
+        (mgr,) = self.kvm.coordinator.single_type_managers
+        assert type(mgr) is SepLLMManager and mgr.enable_caching and self.pool.enable_caching
+        self.mgr: SepLLMManager = mgr
+        mgr.cache_size = self.cache_size = cache_size
+        assert mgr.admission_token_cap is None  # the scheduler sets none with prefix caching
+        self.max_chunk = rng.choice([8, 32, 64, 128])
+        self.max_live = max_live
+        self.reserve_full_isl = reserve_full_isl
+        self.reqs: dict[str, PrefixReq] = {}
+        self.running: list[PrefixReq] = []
+        self.next_id = 0
+        self.next_incarnation = 0
+        self.phys: list[tuple | None] = [None] * ((num_usable + 1) * BLOCK_SIZE)
+        #: vLLM block hash -> the tags of the 16 tokens it stands for (salt, tokens up to it).
+        self.expected_by_hash: dict[bytes, list[tuple]] = {}
+        #: block id -> (its hash, its physical content when first seen hashed).
+        self.snapshots: dict[int, tuple] = {}
+        #: hashed blocks a copy-out let go of (they must stay hit-able).
+        self.released_hashed: set[int] = set()
+        self.pending_hits: list[tuple[PrefixReq, list[int]]] = []
+        self.stats: Counter[str] = Counter()
+        # A few retention settings (requests share them, hence their keys) and prompt parts.
+        self.configs = [self.random_config() for _ in range(3)]
+        self.prefixes = [[self.random_token(d) for _ in range(rng.choice(
+            [16, 16, 23, 32, 40, 48, 64, 80]))] for d in (0.0, 0.05, 0.2, 0.5)]
+        self.past_prompts: list[list[int]] = []
+
+    # ------------------------------------------------------------------ requests
+    def random_token(self, density: float) -> int:
+        if self.rng.random() < density:
+            return self.rng.choice(sorted(SEP_IDS))
+        return self.rng.randrange(len(SEP_IDS) + 1, VOCAB)
+
+    def random_config(self) -> SepLLMConfig:
+        r = self.random_retention()
+        window = r.window
+        if self.cache_size is None and self.rng.random() < 0.3:
+            window = self.rng.randint(64, 200)  # nothing evicted for a while: D = 0 lasts
+        return SepLLMConfig(num_sinks=r.num_sinks, sep_cap=r.sep_cap, window=window,
+                            cache_size=self.cache_size)
+
+    def draw_prompt(self, density: float) -> list[int]:
+        rng = self.rng
+
+        def suffix(k: int) -> list[int]:
+            return [self.random_token(density) for _ in range(k)]
+
+        r = rng.random()
+        if self.past_prompts and r < 0.2:  # the same prompt again
+            prompt = list(rng.choice(self.past_prompts))
+        elif self.past_prompts and r < 0.35:  # part of an earlier prompt, then its own tokens
+            past = rng.choice(self.past_prompts)
+            prompt = past[:rng.randint(1, len(past))] + suffix(rng.randint(0, 80))
+        elif r < 0.8:  # a common prefix (1-5 blocks, some partial), then its own tokens
+            prompt = list(rng.choice(self.prefixes)) + suffix(rng.randint(0, 120))
+        else:
+            prompt = suffix(rng.randint(1, 240))
+        prompt = prompt[:300] or suffix(1)
+        self.past_prompts = (self.past_prompts + [prompt])[-16:]
+        return prompt
+
+    def add_requests(self) -> None:
+        """One request, or a burst of a few with the same prompt start and settings (they
+        are admitted together and share blocks while their prompts are computed)."""
+        rng = self.rng
+        # Most requests take one of the shared settings (same key: they may share blocks);
+        # some have their own (their key differs: they must not).
+        cfg = rng.choice(self.configs) if rng.random() < 0.85 else self.random_config()
+        # The salt patches.prefix_cache_salt gives the request (a user salt in front, at times).
+        salt = f"sepllm[{cfg.prefix_cache_key}]"
+        if rng.random() < 0.1:
+            salt = f"user{rng.randint(0, 1)}|{salt}"
+        density = rng.choice([0.0, 0.05, 0.2, 0.5, 0.9, 1.0])
+        prompt = self.draw_prompt(density)
+        burst = rng.choice([1, 1, 1, 2, 3])
+        for k in range(min(burst, self.max_live - len(self.reqs))):
+            rid = f"r{self.next_id}"
+            self.next_id += 1
+            tail = [self.random_token(density) for _ in range(rng.randint(0, 40))] if k else []
+            req = PrefixReq(rid, rng.randint(1, 150), cfg, density, salt, prompt + tail,
+                            self.hasher)
+            self.on_new_tokens(req)
+            self.reqs[rid] = req
+
+    def on_new_tokens(self, req: PrefixReq) -> None:
+        """Extend the request's fingerprints and learn what its new block hashes stand for."""
+        assert list(req.vreq.all_token_ids) == req.tokens
+        fp = req.fp
+        for p in range(len(fp), len(req.tokens)):
+            fp.append(hash((fp[p - 1] if p else 0, req.tokens[p])))
+        hashes = req.vreq.block_hashes
+        assert len(hashes) == len(req.tokens) // BLOCK_SIZE
+        for j in range(req.num_hashes_seen, len(hashes)):
+            tags = [(req.salt, p, fp[p]) for p in range(j * BLOCK_SIZE, (j + 1) * BLOCK_SIZE)]
+            assert self.expected_by_hash.setdefault(hashes[j], tags) == tags, "hash collision"
+        req.num_hashes_seen = len(hashes)
+
+    def holds_shared(self, req: PrefixReq) -> bool:
+        return any(b.ref_cnt > 1 for b in self.mgr.req_to_blocks.get(req.rid, ()))
+
+    # ------------------------------------------------------------------ scheduler actions
+    def free(self, req: PrefixReq) -> None:
+        self.kvm.free(req.vreq)  # vLLM: coordinator.free -> manager.free
+        req.num_computed = req.vreq.num_computed_tokens = 0
+        req.kv = []
+        req.wblocks = []
+        req.tag = {}
+
+    def preempt(self, req: PrefixReq) -> None:
+        if self.holds_shared(req):
+            self.stats["preempt_sharing"] += 1
+        req.num_preemptions += 1
+        req.vreq.num_preemptions += 1
+        super().preempt(req)
+
+    def remove(self, req: PrefixReq) -> None:
+        if req.status == RUNNING and self.holds_shared(req):
+            self.stats["remove_sharing"] += 1
+        super().remove(req)
+
+    def evict_step(self, reqs: list[PrefixReq]):
+        """``SepLLMScheduler.schedule``'s eviction loop over ``reqs``: the prompt is held
+        whole until computed up to its last token, evictions pass ``deferred_free`` (freed
+        after the loop), a copy-out short of free blocks preempts its request. Returns the
+        plan: the moves (physical slots) and which request each slice belongs to."""
+        moves: tuple[list[int], list[int]] = ([], [])
+        deferred: list = []
+        short: list[PrefixReq] = []
+        plan: list[tuple[PrefixReq, int, int, int]] = []
+        copied: set[str] = set()
+        assert not self.mgr.copied_out
+        for req in reqs:
+            n = req.num_computed
+            if not n:
+                continue
+            if n < req.num_prompt - 1:
+                self.stats["evict_held_prompt"] += 1
+                continue
+            i = len(moves[0])
+            comp = self.evict_one(req, moves, deferred)
+            if comp is None:
+                short.append(req)
+                continue
+            if comp.blocks is not None:
+                copied.add(req.rid)
+            plan.append((req, req.incarnation, i, len(moves[0])))
+        # Within a step no physical slot is both read and written, and none written twice
+        # (a slot may be read twice: two requests copying out of the same shared block).
+        assert set(moves[0]).isdisjoint(moves[1])
+        assert len(set(moves[1])) == len(moves[1])
+        if len(set(moves[0])) != len(moves[0]):
+            self.stats["moves_same_source"] += 1
+        assert self.mgr.copied_out == copied
+        self.mgr.copied_out.clear()  # the scheduler sends the new block lists, then clears
+        # A block shared by k requests may be released by each of them: one reference each.
+        times = Counter(b.block_id for b in deferred)
+        assert all(self.pool.blocks[bid].ref_cnt >= k for bid, k in times.items())
+        self.pool.free_blocks(deferred)
+        for req in short:
+            self.stats["copyout_short_preempt"] += 1
+            self.preempt(req)
+        return plan, moves
+
+    def evict_one(self, req: PrefixReq, moves, deferred):
+        """One request's ``SepLLMManager.evict`` with the scheduler's lists, checked: the new
+        layout, the moves, the released blocks; the mirror's block list and logical KV array
+        follow (the physical moves wait for the worker, :meth:`worker`)."""
+        m, rid, bs = self.mgr, req.rid, BLOCK_SIZE
+        n = req.num_computed
+        cache_before = m.caches.get(rid)
+        first = cache_before is None or cache_before.num_evicted == 0
+        old = list(m.req_to_blocks[rid])
+        old_ids = [b.block_id for b in old]
+        assert old_ids == req.wblocks
+        # Not writable: held by another request too, or in the prefix cache, unless the pool
+        # is tight (fewer free blocks than the request holds): then a block only this request
+        # holds is taken out of the cache and written.
+        tight = first and self.pool.get_num_free_blocks() < len(old)
+        if tight:
+            self.stats["evict_tight"] += 1
+        shared = [b.ref_cnt != 1 or (b.block_hash is not None and not tight) for b in old]
+        if not first:
+            assert not any(shared), "a request holds a shared block after its first eviction"
+        free_before = ({b.block_id for b in self.pool.free_block_queue.get_all_free_blocks()}
+                       if any(shared) else set())
+        i0, nd = len(moves[0]), len(deferred)
+        comp = m.evict(rid, n, req.tokens, req.retention, SEP_IDS, moves, deferred)
+        self.stats["evict"] += 1
+        if comp is None:  # copy-out without enough free blocks: the caller preempts
+            assert first and any(shared)
+            assert len(moves[0]) == i0 and len(moves[1]) == i0 and len(deferred) == nd
+            assert rid not in m.copied_out
+            assert {b.block_id for b in m.req_to_blocks[rid]} <= set(old_ids)
+            return None
+        cache = m.caches[rid]
+        src_slots, dst_slots = moves[0][i0:], moves[1][i0:]
+        new = m.req_to_blocks[rid]
+        new_ids = [b.block_id for b in new]
+        if not comp.num_evicted:
+            if self.cache_size is not None and cache.num_computed != n:
+                self.stats["evict_deferred"] += 1
+            assert comp.blocks is None and not src_slots and not dst_slots
+            assert len(deferred) == nd and new_ids == old_ids
+            assert rid not in m.copied_out
+            if self.cache_size is None or cache.num_computed == n:
+                assert sorted(cache.slots) == retained_positions(req.tokens, n, SEP_IDS,
+                                                                 req.retention)
+            return comp
+        new_len = len(cache)
+        assert len(new) == cdiv(new_len, bs)
+        if comp.blocks is not None:
+            # Copy-out: only on the first eviction of a request holding a shared block.
+            assert first and any(shared)
+            assert rid in m.copied_out
+            self.stats["copyout"] += 1
+            assert len(comp.blocks) == len(new)
+            chosen = {b for b in comp.blocks if b >= 0}
+            sources = {i // bs for i in comp.src}
+            for j, b in enumerate(comp.blocks):
+                if b >= 0:
+                    assert new[j] is old[b] and not shared[b]
+                else:
+                    # A fresh block: free before, or one of the request's own released
+                    # blocks that no move reads.
+                    assert new[j].block_id in free_before or (
+                        new[j].block_id in old_ids
+                        and old_ids.index(new[j].block_id) not in chosen | sources)
+                    self.stats["copyout_fresh"] += 1
+            released = [b for b in range(len(old)) if b not in chosen]
+            busy = sorted((b for b in sources if b not in chosen), reverse=True)
+            # The released blocks that hold move sources wait for the end of the loop.
+            assert [blk.block_id for blk in deferred[nd:]] == [old_ids[b] for b in busy]
+            for b in released:
+                if old[b].block_hash is not None:
+                    self.released_hashed.add(old_ids[b])
+                    self.stats["copyout_released_hashed"] += 1
+                if shared[b] and old[b].ref_cnt > (1 if b in busy else 0):
+                    self.stats["copyout_released_still_held"] += 1
+        else:
+            assert not (first and any(shared))
+            assert rid not in m.copied_out
+            assert new == old[:len(new)]
+            assert [blk.block_id for blk in deferred[nd:]] == old_ids[len(new):][::-1]
+        assert all(b.block_hash is None and b.ref_cnt == 1 for b in new), "not private"
+        # The moves as the workers get them: sources through the old list, destinations
+        # through the new one.
+        assert src_slots == [old_ids[i // bs] * bs + i % bs for i in comp.src]
+        assert dst_slots == [new_ids[k // bs] * bs + k % bs for k in comp.dst]
+        assert len(set(src_slots)) == len(src_slots)
+        # What the worker's cache then holds at each new index, through the physical slots.
+        pos_at = {old_ids[i // bs] * bs + i % bs: p for i, p in enumerate(req.kv)}
+        moved = {d: pos_at[s] for s, d in zip(src_slots, dst_slots)}
+        new_kv = []
+        for k in range(new_len):
+            sl = new_ids[k // bs] * bs + k % bs
+            new_kv.append(moved[sl] if sl in moved else pos_at[sl])
+        assert new_kv == cache.slots
+        assert cache.num_computed == n
+        assert sorted(cache.slots) == retained_positions(req.tokens, n, SEP_IDS, req.retention)
+        req.kv = new_kv
+        req.wblocks = new_ids  # copied out: the plan's new block list; else truncated
+        self.stats["evict_nonempty"] += 1
+        self.stats["moves"] += len(comp.src)
+        self.stats["blocks_freed"] += len(set(old_ids) - set(new_ids))
+        return comp
+
+    def worker(self, plan) -> None:
+        """The workers run the step's moves (all reads before all writes), except those of
+        requests preempted since (the scheduler drops them)."""
+        plan_list, moves = plan
+        src: list[int] = []
+        dst: list[int] = []
+        for req, incarnation, i, j in plan_list:
+            if req.status == RUNNING and req.incarnation == incarnation:
+                src += moves[0][i:j]
+                dst += moves[1][i:j]
+            else:
+                self.stats["moves_dropped"] += j - i
+        vals = [self.phys[s] for s in src]
+        for d, v in zip(dst, vals):
+            self.phys[d] = v
+
+    def try_allocate(self, req: PrefixReq, num_new: int) -> bool:
+        """vLLM's ``KVCacheManager.allocate_slots`` for a running request (it registers the
+        request's full blocks through ``cache_blocks``)."""
+        m, rid = self.mgr, req.rid
+        req.vreq.num_computed_tokens = req.num_computed
+        d = m.num_dropped(rid)
+        need = self.demand(req, req.num_computed + num_new)
+        num_cached = m.num_cached_block.get(rid)
+        new = self.kvm.allocate_slots(req.vreq, num_new)
+        if new is None:
+            assert need > self.pool.get_num_free_blocks()
+            return False
+        new_ids = new.get_block_ids()[0]
+        assert len(new_ids) == need
+        req.wblocks.extend(new_ids)
+        self.stats["alloc_blocks"] += need
+        if d:  # nothing is registered once the request has dropped tokens
+            assert m.num_cached_block.get(rid) == num_cached
+            assert all(b.block_hash is None for b in m.req_to_blocks[rid])
+        return True
+
+    def allocate_fcfs(self, req: PrefixReq, num_new: int) -> bool:
+        """vLLM's FCFS preemption: the last running request goes (never one scheduled
+        earlier in the step, whose new blocks were registered already)."""
+        while not self.try_allocate(req, num_new):
+            self.stats["oom"] += 1
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def admit(self, req: PrefixReq) -> int:
+        """vLLM's admission of a waiting request: ``get_computed_blocks`` (the longest run of
+        cached blocks with the request's hashes, salt included, up to ``num_tokens - 1``),
+        then ``allocate_slots`` with the hits (gate, touch, new blocks, ``cache_blocks``)."""
+        m, rid, bs = self.mgr, req.rid, BLOCK_SIZE
+        vreq = req.vreq
+        assert req.status == WAITING and req.num_computed == 0 == vreq.num_computed_tokens
+        assert rid not in m.caches and not self.blocks_of(req)
+        hit_blocks, hit_len, _ = self.kvm.get_computed_blocks(vreq)
+        hits = list(hit_blocks.blocks[0])
+        if not hits and len(req.tokens) > bs:
+            # Would the first block have hit under another key? (Then only the key kept
+            # this request from KV computed under other settings.)
+            for cfg in self.configs:
+                other = f"sepllm[{cfg.prefix_cache_key}]"
+                if other != req.salt and self.pool.get_cached_block(Request(
+                        "probe", req.tokens[:bs], SamplingParams(max_tokens=1), None,
+                        cache_salt=other, block_hasher=self.hasher).block_hashes[0], [0]):
+                    self.stats["miss_other_key_would_hit"] += 1
+                    break
+        assert hit_len == len(hits) * bs and hit_len <= len(req.tokens) - 1
+        for j, b in enumerate(hits):
+            assert get_block_hash(b.block_hash) == vreq.block_hashes[j]
+        num_new = min(len(req.tokens) - hit_len, self.rng.randint(1, self.max_chunk))
+        full = min(len(req.tokens), MAX_MODEL_LEN)
+        if hits:  # the admission gate as allocate_slots asks it: vLLM's own rule
+            gate = m.get_num_blocks_to_allocate(rid, full, hits, hit_len, hit_len, full,
+                                                apply_admission_cap=True)
+            assert gate == FullAttentionManager.get_num_blocks_to_allocate(
+                m, rid, full, hits, hit_len, hit_len, full)
+        else:
+            self.demand(req, full, apply_admission_cap=True)
+        refs = [b.ref_cnt for b in hits]
+        held = [b.ref_cnt > 0 for b in hits]
+        new = self.kvm.allocate_slots(vreq, num_new, num_new_computed_tokens=hit_len,
+                                      new_computed_blocks=hit_blocks,
+                                      full_sequence_must_fit=self.reserve_full_isl,
+                                      has_scheduled_reqs=bool(self.running))
+        if new is None:
+            assert [b.ref_cnt for b in hits] == refs and not self.blocks_of(req)
+            self.stats["admit_refused"] += 1
+            return 0
+        blocks = m.req_to_blocks[rid]
+        assert all(a is b for a, b in zip(blocks, hits))
+        # A block hit twice in one request cannot happen (hashes chain), so one touch each.
+        assert [b.ref_cnt for b in hits] == [r + 1 for r in refs]
+        req.status = RUNNING
+        req.incarnation = self.next_incarnation
+        self.next_incarnation += 1
+        self.running.append(req)
+        self.stats["admit"] += 1
+        req.num_computed = vreq.num_computed_tokens = hit_len
+        req.kv = list(range(hit_len))
+        req.tag = {p: (req.salt, p, req.fp[p]) for p in range(hit_len)}
+        # The worker gets the request's whole block list (hits, then the new blocks).
+        req.wblocks = [b.block_id for b in blocks]
+        assert new.get_block_ids()[0] == req.wblocks[len(hits):]
+        if hits:
+            self.stats["admit_with_hits"] += 1
+            self.stats["hit_blocks"] += len(hits)
+            self.stats["hit_blocks_held"] += sum(held)  # held by running requests
+            self.stats["hit_blocks_cached"] += len(hits) - sum(held)  # revived from free
+            self.stats["hit_blocks_released_by_copyout"] += sum(
+                b.block_id in self.released_hashed for b in hits)
+            if req.num_preemptions:
+                self.stats["hit_resumed"] += 1
+            # Checked once the step ran (verify_hits): a block registered by a request
+            # scheduled earlier in the same step is written by that step, like vLLM (every
+            # layer writes the step's KV before attention reads it).
+            self.pending_hits.append((req, [b.block_id for b in hits]))
+        return num_new
+
+    def verify_hits(self) -> None:
+        """The KV a request reads through its hit blocks: the same tokens at the same
+        positions under the same salt (written by an earlier request with that salt)."""
+        bs = BLOCK_SIZE
+        for req, hit_ids in self.pending_hits:
+            for j, bid in enumerate(hit_ids):
+                assert self.phys[bid * bs:(bid + 1) * bs] == [
+                    (req.salt, p, req.fp[p]) for p in range(j * bs, (j + 1) * bs)], req.rid
+                assert self.pool.blocks[bid].block_hash is not None
+                self.stats["hit_blocks_verified"] += 1
+        self.pending_hits.clear()
+
+    def run(self, req: PrefixReq, num_new: int) -> None:
+        n = req.num_computed
+        d = self.mgr.num_dropped(req.rid)
+        assert len(req.kv) == n - d
+        assert (n + num_new - d) <= len(req.wblocks) * BLOCK_SIZE
+        for p in range(n, n + num_new):
+            tag = (req.salt, p, req.fp[p]) if d == 0 else ("i", req.incarnation, p)
+            self.phys[self.slot(req, p - d)] = tag
+            req.tag[p] = tag
+            req.kv.append(p)
+        req.num_computed = req.vreq.num_computed_tokens = n + num_new
+        self.stats["tokens"] += num_new
+        if req.num_computed == len(req.tokens):
+            if req.num_out >= req.max_out or len(req.tokens) >= MAX_MODEL_LEN:
+                self.remove(req)
+                self.stats["finish"] += 1
+                return
+            tok = self.token(req)
+            req.tokens.append(tok)
+            req.vreq.append_output_token_ids(tok)
+            self.on_new_tokens(req)
+            req.num_out += 1
+
+    def step_one(self, req: PrefixReq) -> None:
+        if req.status == WAITING:
+            num_new = self.admit(req)
+            if num_new:
+                self.run(req, num_new)
+            self.verify_hits()
+            return
+        plan = self.evict_step([req])
+        if req.status != RUNNING:  # its copy-out found no free block: preempted
+            return
+        num_new = self.chunk(req)
+        ok = self.allocate_running(req, num_new)  # only req is scheduled: any victim
+        self.worker(plan)
+        if ok:
+            self.run(req, num_new)
+
+    def step_all(self) -> None:
+        plan = self.evict_step(list(self.running))
+        scheduled: dict[str, tuple[PrefixReq, int]] = {}
+        preempted_before = self.stats["preempt"]  # a copy-out's preemption does not count
+        for req in list(self.running):
+            if req.status != RUNNING:  # preempted from the end of the queue meanwhile
+                continue
+            num_new = self.chunk(req)
+            if not self.allocate_fcfs(req, num_new):
+                break  # vLLM stops scheduling running requests
+            scheduled[req.rid] = (req, num_new)
+        if self.stats["preempt"] != preempted_before:
+            waiting = []
+        else:
+            waiting = [r for r in self.reqs.values() if r.status == WAITING]
+        for req in waiting:
+            num_new = self.admit(req)
+            if not num_new:
+                break
+            scheduled[req.rid] = (req, num_new)
+        self.worker(plan)
+        for req, num_new in scheduled.values():
+            if req.status == RUNNING:
+                self.run(req, num_new)
+        self.verify_hits()
+
+    def op(self) -> str:
+        rng = self.rng
+        live = list(self.reqs.values())
+        kind = rng.choices(
+            ["add", "step", "step_all", "evict", "abort", "preempt", "finish"],
+            weights=[6, 24, 12, 4, 0.5, 0.5, 0.5],
+        )[0]
+        if kind == "add" or not live:
+            if len(live) >= self.max_live:
+                kind = "step"
+            else:
+                self.add_requests()
+                return "add"
+        if kind == "step":
+            self.step_one(rng.choice(live))
+        elif kind == "step_all":
+            self.step_all()
+        elif kind == "evict":  # a step in which this running request is not scheduled
+            cands = [r for r in self.running if r.num_computed]
+            if cands:
+                self.worker(self.evict_step([rng.choice(cands)]))
+        elif kind in ("abort", "preempt", "finish"):
+            # Half of the time one holding blocks shared with others, if any.
+            pool = self.running if kind != "abort" else live
+            sharing = [r for r in self.running if self.holds_shared(r)]
+            if sharing and rng.random() < 0.5:
+                pool = sharing
+            if pool:
+                (self.preempt if kind == "preempt" else self.remove)(rng.choice(pool))
+        return kind
+
+    # ------------------------------------------------------------------ invariants
+    def check(self) -> None:
+        m, pool, bs = self.mgr, self.pool, BLOCK_SIZE
+        held = Counter(b.block_id for blocks in m.req_to_blocks.values() for b in blocks)
+        free_ids = [b.block_id for b in pool.free_block_queue.get_all_free_blocks()]
+        assert pool.get_num_free_blocks() == len(free_ids) == len(set(free_ids))
+        assert not set(held) & set(free_ids), "a held block is also free"
+        # The pool is conserved: a block held by k requests counts once.
+        assert len(free_ids) + len(held) == self.num_usable
+        assert set(held) | set(free_ids) == set(range(1, self.num_usable + 1))
+        assert 0 not in held
+        # Exact reference counts: one per running request holding the block.
+        for bid, k in held.items():
+            assert pool.blocks[bid].ref_cnt == k, (bid, pool.blocks[bid].ref_cnt, k)
+        assert all(pool.blocks[i].ref_cnt == 0 for i in free_ids)
+        # A hashed block holds what its hash stands for and never changes while hashed.
+        for blk in pool.blocks[1:]:
+            bid = blk.block_id
+            if blk.block_hash is None:
+                self.snapshots.pop(bid, None)
+                continue
+            content = self.phys[bid * bs:(bid + 1) * bs]
+            assert content == self.expected_by_hash[get_block_hash(blk.block_hash)], bid
+            snap = self.snapshots.get(bid)
+            if snap is None or snap[0] != blk.block_hash:
+                self.snapshots[bid] = (blk.block_hash, content)
+            else:
+                assert snap[1] == content, bid
+        running_ids = {r.rid for r in self.running}
+        assert {k for k, v in m.req_to_blocks.items() if v} <= running_ids
+        assert set(m.caches) <= running_ids
+        assert all(r.status == RUNNING for r in self.running)
+        for req in self.reqs.values():
+            if req.status == WAITING:
+                assert not self.blocks_of(req) and req.rid not in m.caches
+                assert req.num_computed == 0 and not req.kv and not req.wblocks
+                continue
+            cache = m.caches.get(req.rid)
+            slots = cache.slots if cache is not None else []
+            cache_n = cache.num_computed if cache is not None else 0
+            d = m.num_dropped(req.rid)
+            assert d == cache_n - len(slots) >= 0
+            assert req.kv == slots + list(range(cache_n, req.num_computed))
+            assert len(req.kv) == req.num_computed - d
+            assert req.wblocks == self.blocks_of(req)
+            assert len(req.wblocks) == cdiv(len(req.kv), bs)
+            if req.num_computed < req.num_prompt - 1:  # the prompt is held whole
+                assert cache is None
+            blocks = m.req_to_blocks[req.rid]
+            if d:
+                assert all(b.block_hash is None and b.ref_cnt == 1 for b in blocks), req.rid
+            else:
+                # Laid out by position, every full block computed so far registered.
+                hashes = req.vreq.block_hashes
+                for j in range(req.num_computed // bs):
+                    assert blocks[j].block_hash is not None, (req.rid, j)
+                    assert get_block_hash(blocks[j].block_hash) == hashes[j]
+            got = []
+            for b in req.wblocks:
+                got += self.phys[b * bs:(b + 1) * bs]
+            assert got[:len(req.kv)] == [req.tag[p] for p in req.kv], req.rid
+
+    def drain(self) -> None:
+        for req in list(self.reqs.values()):
+            self.remove(req)
+        assert not self.running and not self.reqs
+        assert self.pool.get_num_free_blocks() == self.num_usable, "leaked blocks"
+        assert not any(self.mgr.req_to_blocks.values())
+        assert not self.mgr.caches and not self.mgr.num_cached_block
+        assert all(b.ref_cnt == 0 for b in self.pool.blocks[1:])
+        self.check()
+
+
+@pytest.mark.parametrize("seed,num_blocks,reserve_full_isl,max_live,cache_size", PREFIX_CASES)
+def test_manager_prefix_caching_fuzz(seed, num_blocks, reserve_full_isl, max_live, cache_size):
+    t0 = time.perf_counter()
+    f = PrefixFuzzer(seed, num_blocks, reserve_full_isl, max_live, cache_size)
+    for _ in range(PREFIX_OPS):
+        kind = f.op()
+        f.stats["op_" + kind] += 1
+        f.check()
+    f.drain()
+    s = f.stats
+    # The run must have exercised what it claims to test: hits (on blocks held by running
+    # requests, on cached free blocks, on blocks a copy-out let go of, on a request's own
+    # blocks after a preemption), misses that only the key caused, copy-outs with fresh
+    # blocks, in-place compactions after them, prompts held whole, requests holding shared
+    # blocks preempted, aborted or finished.
+    assert s["admit_with_hits"] > 50 and s["hit_blocks_verified"] == s["hit_blocks"], s
+    assert s["hit_blocks_held"] > 50 and s["hit_blocks_cached"] > 50, s
+    assert s["hit_blocks_released_by_copyout"] > 50 and s["hit_resumed"] > 10, s
+    assert s["miss_other_key_would_hit"] > 5, s
+    assert s["copyout"] > 40 and s["copyout_fresh"] > 40, s
+    assert s["copyout_released_still_held"] > 20 and s["moves"] > 1_000, s
+    assert s["evict_nonempty"] > s["copyout"] + 500 and s["evict_held_prompt"] > 100, s
+    assert s["preempt_sharing"] + s["remove_sharing"] > 10, s
+    assert s["finish"] > 50 and s["op_abort"] > 0 and s["preempt"] > 0, s
+    assert s["tokens"] > 10_000, s
+    if cache_size is not None:
+        assert s["evict_deferred"] > 1_000, s
+    PREFIX_STATS[seed] = s
+    print(f"prefix seed {seed}: {PREFIX_OPS} ops, {f.num_usable} blocks, "
+          f"{time.perf_counter() - t0:.2f}s, {dict(s)}")
+
+
+def test_prefix_fuzz_totals():
+    """Runs after the prefix cases (file order): across them, copy-outs short of free blocks
+    preempted their request, and the scheduler dropped the moves of requests that vLLM's
+    allocation preempted later in the same step."""
+    if len(PREFIX_STATS) < len(PREFIX_CASES):
+        pytest.skip("not every prefix-caching fuzz case ran in this session")
+    total = sum(PREFIX_STATS.values(), Counter())
+    assert total["copyout_short_preempt"] > 20 and total["moves_dropped"] > 100, total
+    # ... and tight pools let requests compact over blocks only they held (cache entry dropped).
+    assert total["evict_tight"] > 100, total
+    assert sum(total[k] for k in total if k.startswith("op_")) == PREFIX_OPS * len(PREFIX_CASES)
 
 def test_fuzz_total_ops():
     """Runs after the cases above (file order): at least 10,000 operations in all."""

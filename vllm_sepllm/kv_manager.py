@@ -101,16 +101,26 @@ class SepLLMManager(FullAttentionManager):
                                                            self.cache_size)
         blocks = self.req_to_blocks[request_id]
         is_private = None
+        tight = False
         if self.enable_caching and cache.num_evicted == 0:
             # Only before the first eviction can the request hold hashed or shared blocks.
+            # When the pool might not hold the copy-out's fresh blocks, the blocks no other
+            # request holds count as private too: their cache entries are dropped before they
+            # are written (else the request would be preempted, come back through its own
+            # prefix hits and be short again).
+            tight = self.block_pool.get_num_free_blocks() < len(blocks)
+
             def is_private(b: int) -> bool:
-                return blocks[b].block_hash is None and blocks[b].ref_cnt == 1
+                block = blocks[b]
+                return block.ref_cnt == 1 and (tight or block.block_hash is None)
         compaction = cache.advance(num_computed, token_ids, self.block_size, is_private)
         if not compaction.num_evicted:
             return compaction
         if compaction.blocks is not None:
-            return self._copy_out(request_id, compaction, slot_moves, deferred_free)
+            return self._copy_out(request_id, compaction, slot_moves, deferred_free, tight)
         bs = self.block_size
+        if tight:
+            self._uncache(blocks[:cdiv(len(cache), bs)])
         if slot_moves is not None and compaction.src:
             src_slots, dst_slots = slot_moves
             for i in compaction.src:
@@ -131,7 +141,7 @@ class SepLLMManager(FullAttentionManager):
 
     def _copy_out(self, request_id: str, compaction: Compaction,
                   slot_moves: tuple[list[int], list[int]] | None,
-                  deferred_free: list[KVCacheBlock] | None) -> Compaction | None:
+                  deferred_free: list[KVCacheBlock] | None, tight: bool) -> Compaction | None:
         """Apply a copy-out layout (``compaction.blocks``): fresh blocks from the pool, moves
         as physical slots, and every block the new layout does not use released (hashed
         ones stay in vLLM's prefix cache)."""
@@ -150,6 +160,8 @@ class SepLLMManager(FullAttentionManager):
             old[:] = [blk for b, blk in enumerate(old) if b in chosen or b in sources]
             self.num_blocks_freed += len(idle)
             return None
+        if tight:
+            self._uncache([old[b] for b in chosen])
         fresh = iter(self.block_pool.get_new_blocks(num_fresh))
         new = [old[b] if b >= 0 else next(fresh) for b in compaction.blocks]
         if slot_moves is not None and compaction.src:
@@ -166,6 +178,13 @@ class SepLLMManager(FullAttentionManager):
         else:
             deferred_free.extend(busy)
         return compaction
+
+    def _uncache(self, blocks: Sequence[KVCacheBlock]) -> None:
+        """Drop the prefix-cache entries of ``blocks`` (held by one request only), which are
+        about to be written."""
+        ids = {b.block_id for b in blocks if b.block_hash is not None}
+        if ids:
+            self.block_pool.evict_blocks(ids)
 
     def num_dropped(self, request_id: str) -> int:
         """``D`` of the request (tokens dropped so far; 0 without a record)."""

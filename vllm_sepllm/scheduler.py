@@ -207,8 +207,10 @@ class _SepLLMSchedulerMixin:
                             retention[rid] = r
         else:
             retention = {}
-        block_ids = {rid: [b.block_id for b in mgr.req_to_blocks[rid]]
-                     for rid in compacted if rid in mgr.copied_out}
+        # The list right after the copy-out (c[0] blocks): the workers append this step's
+        # new blocks themselves.
+        block_ids = {rid: [b.block_id for b in mgr.req_to_blocks[rid][:c[0]]]
+                     for rid, c in compacted.items() if rid in mgr.copied_out}
         mgr.copied_out.clear()
         setattr(output, PLAN_ATTR, StepPlan(
             dropped, retention, {rid: c[0] for rid, c in compacted.items()}, src, dst,
