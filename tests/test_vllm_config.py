@@ -31,6 +31,29 @@ def test_sepllm_configures_engine(model_path):
     assert 30 in resolved["separator_token_ids"]  # "." in SmolLM2
 
 
+def test_prefix_caching_setting(model_path):
+    """Prefix caching stays as the user set it (on by default); only pe_shift turns it off."""
+    off = engine_config(model_path, attention_backend="SEPLLM", enable_prefix_caching=False)
+    assert off.cache_config.enable_prefix_caching is False
+    shift = engine_config(model_path, attention_backend="SEPLLM",
+                          additional_config={"sepllm": {"pe_shift": True}})
+    assert shift.cache_config.enable_prefix_caching is False
+
+
+def test_prefix_cache_keys():
+    """The key in a request's block hashes: equal exactly when prompt KV is equal."""
+    from vllm_sepllm.config import SepLLMConfig
+
+    base = SepLLMConfig()
+    assert base.prefix_cache_key == "sepllm:a=4:s=64:w=256"
+    assert SepLLMConfig(window=128).prefix_cache_key != base.prefix_cache_key
+    assert SepLLMConfig(mode="streamingllm", sep_cap=7).prefix_cache_key == \
+        SepLLMConfig(mode="streamingllm").prefix_cache_key  # s plays no part there
+    assert SepLLMConfig(mode="full").prefix_cache_key == "causal"
+    # Batched eviction computes every prompt with plain causal attention.
+    assert {SepLLMConfig(cache_size=400, window=w).prefix_cache_key for w in (64, 256)} == {"causal"}
+
+
 def test_other_backend_untouched(model_path):
     cfg = engine_config(model_path)
     assert cfg.scheduler_config.scheduler_cls is None
