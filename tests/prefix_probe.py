@@ -35,12 +35,14 @@ def main() -> None:
     def params(name: str) -> SamplingParams:
         extra = requests[name].get("sepllm")
         return SamplingParams(max_tokens=spec["new_tokens"], temperature=0.0, ignore_eos=True,
-                              extra_args={"sepllm": extra} if extra else None)
+                              logprobs=0, extra_args={"sepllm": extra} if extra else None)
 
     def run(names: list[str]) -> dict:
         outs = llm.generate([TokensPrompt(prompt_token_ids=requests[n]["prompt"])
                              for n in names], [params(n) for n in names], use_tqdm=False)
         return {n: {"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens,
+                    "logprobs": [step[t].logprob for step, t in zip(o.outputs[0].logprobs,
+                                                                    o.outputs[0].token_ids)],
                     "kv": o.kv_transfer_params["sepllm"]} for n, o in zip(names, outs)}
 
     def cached_blocks() -> dict[int, tuple[str, str]]:

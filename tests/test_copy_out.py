@@ -23,7 +23,7 @@ from vllm_sepllm.scheduler import PLAN_ATTR
 BLOCK = 16
 
 
-def build(model_path: str, sepllm: dict, num_blocks: int):
+def build(model_path: str, sepllm: dict, num_blocks: int, async_scheduling: bool = False):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.structured_output import StructuredOutputManager
 
@@ -33,7 +33,7 @@ def build(model_path: str, sepllm: dict, num_blocks: int):
     patches.install()
     vllm_config = EngineArgs(
         model=model_path, max_num_seqs=8, max_num_batched_tokens=256,
-        enable_prefix_caching=True, block_size=BLOCK, async_scheduling=False,
+        enable_prefix_caching=True, block_size=BLOCK, async_scheduling=async_scheduling,
         max_model_len=1024, attention_backend="SEPLLM", additional_config={"sepllm": sepllm},
     ).create_engine_config()
     assert vllm_config.cache_config.enable_prefix_caching
@@ -95,3 +95,62 @@ def test_copied_out_block_list_reaches_the_worker(model_path):
             req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
             sampled_token_ids=sampled))
     assert not sched.requests and copied_out >= 2
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_short_copy_out_preempts_cleanly(model_path, async_scheduling):
+    """A pool of 5 blocks, two requests sharing a 40-token prompt: a copy-out finds no free
+    block, so the scheduler preempts that request before vLLM schedules (as vLLM's own
+    reset_prefix_cache does). Under async scheduling its in-flight output is discarded and a
+    same-step resumption carries all its token ids to the worker (the V1 runner reads them for
+    a request it scheduled in the previous step). Every request finishes; nothing is left."""
+    from vllm import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+
+    sched = build(model_path, {"num_sinks": 0, "sep_cap": 0, "window": 33}, num_blocks=6,
+                  async_scheduling=async_scheduling)
+    preempted = 0
+    ours = []
+    preempt = sched._sepllm_preempt
+    sched._sepllm_preempt = lambda request: (ours.append(request.request_id),
+                                             preempt(request))
+    init_none_hash(sha256)
+    hasher = get_request_block_hasher(BLOCK, sha256)
+    prompt = list(range(100, 140))
+    for rid in ("a", "b"):
+        sched.add_request(Request(rid, prompt, SamplingParams(max_tokens=12, ignore_eos=True),
+                                  None, block_hasher=hasher))
+    outputs: dict[str, int] = {"a": 0, "b": 0}
+    in_flight: list = []  # async: step k+1 is scheduled before step k's output comes back
+    for _ in range(400):
+        if not sched.requests and not in_flight:
+            break
+        if sched.requests:
+            out = sched.schedule()
+            preempted += len(out.preempted_req_ids or ())
+            cached = out.scheduled_cached_reqs
+            for rid in cached.resumed_req_ids:  # what the V1 runner needs to rebuild it
+                assert rid in cached.all_token_ids, rid
+            ids = list(out.num_scheduled_tokens)
+            # A row samples when it computed every known token (num_computed_tokens counts
+            # the step already).
+            sampled = [[7] if sched.requests[r].num_computed_tokens >= sched.requests[r].num_tokens
+                       else [] for r in ids]
+            in_flight.append((out, ModelRunnerOutput(
+                req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                sampled_token_ids=sampled)))
+        if len(in_flight) > (1 if async_scheduling and sched.requests else 0):
+            result = sched.update_from_output(*in_flight.pop(0))
+            for eco in result.values():
+                for o in eco.outputs:
+                    outputs[o.request_id] += len(o.new_token_ids)
+    assert not sched.requests, "requests left unfinished"
+    assert outputs == {"a": 12, "b": 12}
+    assert ours and preempted >= len(ours), "no copy-out ran short: the path is not tested"
+    mgr = sched.sepllm_manager
+    assert not mgr.caches and not any(mgr.req_to_blocks.values())
+    pool = mgr.block_pool
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1

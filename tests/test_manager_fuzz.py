@@ -692,26 +692,28 @@ class PrefixFuzzer(Fuzzer):
 
     def evict_step(self, reqs: list[PrefixReq]):
         """``SepLLMScheduler.schedule``'s eviction loop over ``reqs``: the prompt is held
-        whole until computed up to its last token, evictions pass ``deferred_free`` (freed
-        after the loop), a copy-out short of free blocks preempts its request. Returns the
+        whole until computed up to its last token (all of it with batched eviction),
+        evictions pass ``deferred_free`` (freed after the loop), a copy-out short of free
+        blocks preempts its request at once. Returns the
         plan: the moves (physical slots) and which request each slice belongs to."""
         moves: tuple[list[int], list[int]] = ([], [])
         deferred: list = []
-        short: list[PrefixReq] = []
         plan: list[tuple[PrefixReq, int, int, int]] = []
         copied: set[str] = set()
         assert not self.mgr.copied_out
-        for req in reqs:
+        tail = 1 if self.cache_size is None else 0  # batched eviction: the prompt whole
+        for req in list(reqs):
             n = req.num_computed
             if not n:
                 continue
-            if n < req.num_prompt - 1:
+            if n < req.num_prompt - tail:
                 self.stats["evict_held_prompt"] += 1
                 continue
             i = len(moves[0])
             comp = self.evict_one(req, moves, deferred)
-            if comp is None:
-                short.append(req)
+            if comp is None:  # preempted at once, so later sharers see its references go
+                self.stats["copyout_short_preempt"] += 1
+                self.preempt(req)
                 continue
             if comp.blocks is not None:
                 copied.add(req.rid)
@@ -728,9 +730,6 @@ class PrefixFuzzer(Fuzzer):
         times = Counter(b.block_id for b in deferred)
         assert all(self.pool.blocks[bid].ref_cnt >= k for bid, k in times.items())
         self.pool.free_blocks(deferred)
-        for req in short:
-            self.stats["copyout_short_preempt"] += 1
-            self.preempt(req)
         return plan, moves
 
     def evict_one(self, req: PrefixReq, moves, deferred):
@@ -745,9 +744,13 @@ class PrefixFuzzer(Fuzzer):
         old_ids = [b.block_id for b in old]
         assert old_ids == req.wblocks
         # Not writable: held by another request too, or in the prefix cache, unless the pool
-        # is tight (fewer free blocks than the request holds): then a block only this request
-        # holds is taken out of the cache and written.
-        tight = first and self.pool.get_num_free_blocks() < len(old)
+        # is tight (fewer free blocks than the copy-out may need: the request's blocks, at
+        # most those of a + s + w tokens, + 1): then a block only this request holds is taken
+        # out of the cache and written.
+        r = req.retention
+        need = len(old) if r.sep_cap is None else min(
+            len(old), cdiv(r.num_sinks + r.sep_cap + r.window, BLOCK_SIZE) + 1)
+        tight = first and self.pool.get_num_free_blocks() < need
         if tight:
             self.stats["evict_tight"] += 1
         shared = [b.ref_cnt != 1 or (b.block_hash is not None and not tight) for b in old]

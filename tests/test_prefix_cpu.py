@@ -3,7 +3,7 @@
 Requests share prompt prefixes of 1 to 3 blocks; every one runs cold (prefix cache reset, alone)
 and again after a leader seeded the cache, the rest together (their evictions cut into the
 shared blocks). Checked: the hit run gives the cold run's greedy tokens and both equal the
-Hugging Face oracle of the request's own rule; vLLM's own counters (``num_cached_tokens``,
+Hugging Face oracle of the request's own rule (and the same log-probs); vLLM's own counters (``num_cached_tokens``,
 ``vllm:prefix_cache_hits``) show the hits; requests whose KV settings differ do not share
 (exact eviction) or do (batched eviction: the prompt runs with plain causal attention); the KV
 bytes of every cached block are unchanged after requests evicted from it; nothing is left.
@@ -59,11 +59,15 @@ def requests_for(texts) -> tuple[dict, list[str], dict[str, int]]:
         "a_stream": {"prompt": pa + texts[5][200:330], "sepllm": {"mode": "streamingllm"}},
         "b0": {"prompt": pb + texts[5][:140]},
         "b1": {"prompt": pb + texts[1][300:430]},
+        # 10 blocks + 1 token, twice: c1 hits all but its last token, whose one-token row
+        # (admitted this step, nothing evicted for it) still needs the mask.
+        "c0": {"prompt": texts[3][500:661]},
+        "c1": {"prompt": texts[3][500:661]},
     }
     shared = {"a1": 3 * BLOCK, "a2": 3 * BLOCK, "a_same": 3 * BLOCK, "b1": BLOCK,
               # a3 = a1 (run in the same batch): at least a0's 3 shared blocks
               "a3": 3 * BLOCK, "a_w32": 3 * BLOCK, "a_stream": 3 * BLOCK}
-    return reqs, ["a0", "b0"], shared
+    return reqs, ["a0", "b0", "c0"], shared
 
 
 def oracle(model_path, prompt, sep_ids, cfg) -> list[int]:
@@ -99,6 +103,7 @@ def test_prefix_hits_equal_cold_and_oracle(model_path, tokenizer, texts, tmp_pat
             # Its eviction cut into the shared blocks (the window starts past them).
             assert hit[name]["kv"]["kv_evicted"] > 0
             assert len(reqs[name]["prompt"]) - ENGINE["window"] > want
+    assert hit["c1"]["cached"] == 10 * BLOCK
     total_hits = sum(h["cached"] for h in hit.values())
     assert total_hits >= 3 * BLOCK * 4 + BLOCK
     assert res["hits_end"] - res["hits_after_cold"] == total_hits  # vLLM's own counter
@@ -111,6 +116,10 @@ def test_prefix_hits_equal_cold_and_oracle(model_path, tokenizer, texts, tmp_pat
         if not (hit[name]["tokens"] == cold[name]["tokens"] == want):
             mismatches.append(name)
     assert not mismatches, f"hit / cold / oracle differ for {mismatches}"
+    # Log-probs too (fp32): a key seen or missed anywhere moves them far above 1e-3.
+    gaps = {n: max(abs(x - y) for x, y in zip(hit[n]["logprobs"], cold[n]["logprobs"]))
+            for n in reqs}
+    assert max(gaps.values()) < 1e-3, gaps
 
     # Cached blocks were never written while requests hit them and evicted from them.
     assert res["blocks_checked"] >= 15 and res["blocks_changed"] == []

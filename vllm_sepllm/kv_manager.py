@@ -104,11 +104,15 @@ class SepLLMManager(FullAttentionManager):
         tight = False
         if self.enable_caching and cache.num_evicted == 0:
             # Only before the first eviction can the request hold hashed or shared blocks.
-            # When the pool might not hold the copy-out's fresh blocks, the blocks no other
-            # request holds count as private too: their cache entries are dropped before they
-            # are written (else the request would be preempted, come back through its own
-            # prefix hits and be short again).
-            tight = self.block_pool.get_num_free_blocks() < len(blocks)
+            # When the pool might not hold the copy-out's fresh blocks (at most those of the
+            # retained a + s + w tokens), the blocks no other request holds count as private
+            # too: their cache entries are dropped before they are written (else the request
+            # would be preempted, come back through its own prefix hits and be short again).
+            need = len(blocks)
+            if retention.sep_cap is not None:
+                kept = retention.num_sinks + retention.sep_cap + retention.window
+                need = min(need, cdiv(kept, self.block_size) + 1)
+            tight = self.block_pool.get_num_free_blocks() < need
 
             def is_private(b: int) -> bool:
                 block = blocks[b]

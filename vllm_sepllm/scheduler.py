@@ -131,14 +131,19 @@ class _SepLLMSchedulerMixin:
         compacted: dict[str, tuple[int, int, int, int]] = {}
         freed_before = mgr.num_blocks_freed
         defer = self.sepllm_defer
+        # With prefix caching a prompt is evicted only once computed: with exact eviction up
+        # to its last token (a last one-token chunk is then a plain decode row), with batched
+        # eviction whole (the prompt is one step: plain causal attention throughout).
+        prompt_tail = 1 if cache_size is None else 0
+        deferred: list[Request] = []
         deferred_free: list = []
-        short: list[Request] = []
-        for request in self.running:
+        for request in list(self.running) if defer else self.running:
             n = request.num_computed_tokens
             if not n:
                 continue
-            if defer and n < request.num_prompt_tokens - 1:
-                continue  # the prompt is still being computed: its blocks stay as they are
+            if defer and n < request.num_prompt_tokens - prompt_tail:
+                deferred.append(request)  # its blocks stay as they are (registered)
+                continue
             rid = request.request_id
             if cache_size is not None:
                 # RequestCache.advance's own early return, tested here to skip two calls per
@@ -151,20 +156,13 @@ class _SepLLMSchedulerMixin:
             comp = mgr.evict(rid, n, request.all_token_ids, self._retention_of(request),
                              sep_ids, moves, deferred_free)
             if comp is None:
-                short.append(request)
+                self._sepllm_preempt(request)
             elif comp.num_evicted:
                 stats.evicted_tokens += comp.num_evicted
                 compacted[rid] = (len(mgr.req_to_blocks[rid]), i, len(src),
                                   mgr.num_blocks_freed - freed)
         if deferred_free:
             mgr.block_pool.free_blocks(deferred_free)
-        for request in short:
-            # Its copy-out found no free block: preempt it, as vLLM does when a request's next
-            # blocks do not fit (it resumes from its prefix-cache hits).
-            logger.debug("sepllm: request %s preempted: no free block to copy out its cache",
-                         request.request_id)
-            self.running.remove(request)
-            self._preempt_request(request, time.monotonic())
         stats.freed_blocks += mgr.num_blocks_freed - freed_before
         stats.eviction_seconds += time.perf_counter() - t0
 
@@ -195,16 +193,25 @@ class _SepLLMSchedulerMixin:
             retention = {rid: self._retention_of(self.requests[rid])
                          for rid, q in scheduled.items() if q > 1}
             if defer:
-                for rid, q in scheduled.items():
-                    if q == 1 and not mgr.num_dropped(rid):
-                        request = self.requests[rid]
-                        r = self._retention_of(request)
-                        # The token's position (num_computed_tokens already counts it): a
-                        # deferred prompt token, with tokens its query no longer sees.
-                        t = request.num_computed_tokens - 1
-                        if r.num_sinks + r.window <= t < request.num_prompt_tokens - 1:
-                            masked_single.append(rid)
-                            retention[rid] = r
+                # One-token rows whose cache was not evicted for their position this step:
+                # deferred prompts, and requests admitted (or resumed) by this schedule(),
+                # e.g. with prefix hits up to their last prompt token.
+                cached_reqs = output.scheduled_cached_reqs
+                candidates = [*(r.request_id for r in deferred),
+                              *(r.req_id for r in output.scheduled_new_reqs),
+                              *cached_reqs.resumed_req_ids]
+                for rid in candidates:
+                    if scheduled.get(rid) != 1:
+                        continue
+                    request = self.requests[rid]
+                    t = request.num_computed_tokens - 1  # it already counts this token
+                    cache = caches.get(rid)
+                    if cache is not None and cache.num_computed == t:
+                        continue  # evicted for this very position above
+                    r = self._retention_of(request)
+                    if t >= r.num_sinks + r.window:  # some key is no longer visible to t
+                        masked_single.append(rid)
+                        retention[rid] = r
         else:
             retention = {}
         # The list right after the copy-out (c[0] blocks): the workers append this step's
@@ -216,6 +223,19 @@ class _SepLLMSchedulerMixin:
             dropped, retention, {rid: c[0] for rid, c in compacted.items()}, src, dst,
             block_ids, masked_single))
         return output
+
+    def _sepllm_preempt(self, request: Request) -> None:
+        """Preempt a running request outside vLLM's schedule() (its copy-out found no free
+        block), as vLLM's own reset_prefix_cache(reset_running_requests=True) does: it resumes
+        from its prefix-cache hits; output frames already in flight are discarded."""
+        logger.debug("sepllm: request %s preempted: no free block to copy out its cache",
+                     request.request_id)
+        self.running.remove(request)
+        self._preempt_request(request, time.monotonic())
+        request.async_tokens_to_discard = request.num_output_placeholders
+        request.num_output_placeholders = 0
+        # Preempted and possibly resumed in the same step: flushed from the persistent batch.
+        self.prev_step_scheduled_req_ids.discard(request.request_id)
 
     # ------------------------------------------------------------------ metrics
     def make_stats(self, *args, **kwargs):
