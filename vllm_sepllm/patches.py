@@ -80,7 +80,12 @@ only while nothing is evicted: afterwards the layout no longer follows the block
 Block-pool and manager internals read or called: ``KVCacheBlock.block_hash`` / ``ref_cnt``
 (a block is private when unhashed and held once), ``BlockPool.free_blocks`` /
 ``get_new_blocks`` / ``get_num_free_blocks``, ``req_to_blocks``, ``_partial_hit_reqs``;
-scheduler: ``_preempt_request`` (a request whose copy-out finds no free block).
+scheduler: ``_preempt_request`` (a request whose copy-out finds no free block), then, as vLLM's
+``reset_prefix_cache`` does, ``Request.async_tokens_to_discard`` / ``num_output_placeholders``
+and ``prev_step_scheduled_req_ids`` (a same-step resumption must carry its token ids).
+Why copy-out rather than vLLM's ``_apply_cow`` / ``kv_cache_block_copies``: those copy whole
+blocks, evicted tokens included, and compaction moves would still follow; the copy-out is one
+compacting gather through the compaction channel the workers already run.
 
 Runner methods overridden in a subclass (``worker.SepLLMRunnerMixin``): ``_update_states``,
 ``_prepare_inputs``, ``_preprocess`` (PE shift only: writes the RoPE positions into vLLM's
