@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_engine_kwargs(**overrides) -> dict:
@@ -50,3 +57,14 @@ def greedy_ids(llm, prompt_ids: list[list[int]], max_tokens: int) -> list[list[i
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
                         use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def run_probe(module: str, *args: str) -> dict:
+    """Run ``python -m module args...`` from the repository root (an in-process engine kept
+    out of the pytest process, whose CPU thread binding it would change) and return the JSON
+    of its last ``PROBE `` line."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-6000:]
+    return json.loads(lines[-1][len("PROBE "):])

@@ -4,16 +4,12 @@ the same tokens, aborts return every block, nothing is left behind."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.engine import run_probe
 from tests.oracle_hf import greedy_generate
 
-ROOT = Path(__file__).resolve().parent.parent
 SEPLLM = {"num_sinks": 4, "sep_cap": 16, "window": 64}
 
 
@@ -23,12 +19,7 @@ def probe(mode: str, model: str, tmp_path, prompts, new_tokens, engine=None,
     spec.write_text(json.dumps({"prompts": prompts, "sepllm": sepllm,
                                 "new_tokens": new_tokens, "engine": engine or {},
                                 "overrides": overrides or {}}))
-    proc = subprocess.run([sys.executable, "-m", "tests.engine_probe", mode, model, str(spec)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-6000:]
-    return json.loads(lines[-1][len("PROBE "):])
+    return run_probe("tests.engine_probe", mode, model, str(spec))
 
 
 @pytest.fixture(scope="module")

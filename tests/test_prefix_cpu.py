@@ -12,16 +12,12 @@ bytes of every cached block are unchanged after requests evicted from it; nothin
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.engine import run_probe
 from tests.oracle_hf import greedy_generate
 
-ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 16
 NEW_TOKENS = 24
 ENGINE = {"num_sinks": 4, "sep_cap": 16, "window": 64}
@@ -30,12 +26,7 @@ ENGINE = {"num_sinks": 4, "sep_cap": 16, "window": 64}
 def probe(model: str, tmp_path, spec: dict) -> dict:
     path = tmp_path / "spec.json"
     path.write_text(json.dumps({**spec, "model": model, "new_tokens": NEW_TOKENS}))
-    proc = subprocess.run([sys.executable, "-m", "tests.prefix_probe", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-6000:]
-    return json.loads(lines[-1][len("PROBE "):])
+    return run_probe("tests.prefix_probe", str(path))
 
 
 @pytest.fixture(scope="module")

@@ -125,23 +125,36 @@ class SepLLMManager(FullAttentionManager):
         bs = self.block_size
         if tight:
             self._uncache(blocks[:cdiv(len(cache), bs)])
-        if slot_moves is not None and compaction.src:
-            src_slots, dst_slots = slot_moves
-            for i in compaction.src:
-                src_slots.append(blocks[i // bs].block_id * bs + i % bs)
-            for i in compaction.dst:
-                dst_slots.append(blocks[i // bs].block_id * bs + i % bs)
+        self._slot_moves(compaction, blocks, blocks, slot_moves)
         keep = cdiv(len(cache), bs)
         if keep < len(blocks):
             tail = blocks[keep:]
             del blocks[keep:]
             tail.reverse()  # the last block first: vLLM's order of eviction priority
-            if deferred_free is None:
-                self.block_pool.free_blocks(tail)
-            else:
-                deferred_free.extend(tail)
+            self._release(tail, deferred_free)
             self.num_blocks_freed += len(tail)
         return compaction
+
+    def _slot_moves(self, compaction: Compaction, src_blocks: Sequence[KVCacheBlock],
+                    dst_blocks: Sequence[KVCacheBlock],
+                    slot_moves: tuple[list[int], list[int]] | None) -> None:
+        """Append the compaction's moves to ``slot_moves`` as physical slots: sources through
+        ``src_blocks``, destinations through ``dst_blocks``."""
+        if slot_moves is None or not compaction.src:
+            return
+        bs = self.block_size
+        src_slots, dst_slots = slot_moves
+        src_slots.extend(src_blocks[i // bs].block_id * bs + i % bs for i in compaction.src)
+        dst_slots.extend(dst_blocks[i // bs].block_id * bs + i % bs for i in compaction.dst)
+
+    def _release(self, blocks: list[KVCacheBlock],
+                 deferred_free: list[KVCacheBlock] | None) -> None:
+        """Give up ``blocks``, which hold move sources: to the pool now, or to the caller's
+        ``deferred_free`` (see :meth:`evict`)."""
+        if deferred_free is None:
+            self.block_pool.free_blocks(blocks)
+        else:
+            deferred_free.extend(blocks)
 
     def _copy_out(self, request_id: str, compaction: Compaction,
                   slot_moves: tuple[list[int], list[int]] | None,
@@ -168,19 +181,11 @@ class SepLLMManager(FullAttentionManager):
             self._uncache([old[b] for b in chosen])
         fresh = iter(self.block_pool.get_new_blocks(num_fresh))
         new = [old[b] if b >= 0 else next(fresh) for b in compaction.blocks]
-        if slot_moves is not None and compaction.src:
-            src_slots, dst_slots = slot_moves
-            for i in compaction.src:
-                src_slots.append(old[i // bs].block_id * bs + i % bs)
-            for k in compaction.dst:
-                dst_slots.append(new[k // bs].block_id * bs + k % bs)
+        self._slot_moves(compaction, old, new, slot_moves)
         self.num_blocks_freed += len(old) - len(new)
         old[:] = new
         self.copied_out.add(request_id)
-        if deferred_free is None:
-            self.block_pool.free_blocks(busy)
-        else:
-            deferred_free.extend(busy)
+        self._release(busy, deferred_free)
         return compaction
 
     def _uncache(self, blocks: Sequence[KVCacheBlock]) -> None:
