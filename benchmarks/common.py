@@ -23,6 +23,47 @@ LLAMA3_8B = {
     "bos_token_id": 1, "eos_token_id": 2, "attention_bias": False, "mlp_bias": False,
 }
 
+_DENSE_DEFAULTS = {"hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+                   "bos_token_id": 1, "eos_token_id": 2}
+
+#: Real shapes of the model families people serve (from the models' published configs; the
+#: weights are dummy on the GPU machine). Keys are ``--model-shape`` names.
+SHAPES = {
+    "llama3-8b": LLAMA3_8B,
+    "llama3.1-8b": dict(LLAMA3_8B, max_position_embeddings=131072, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}),
+    "qwen3-8b": dict(_DENSE_DEFAULTS, architectures=["Qwen3ForCausalLM"], model_type="qwen3",
+                     hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+                     rms_norm_eps=1e-6, attention_bias=False),
+    "qwen2.5-7b": dict(_DENSE_DEFAULTS, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+                       hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                       use_sliding_window=False, sliding_window=None, max_window_layers=28),
+    "mistral-7b": dict(_DENSE_DEFAULTS, architectures=["MistralForCausalLM"],
+                       model_type="mistral", hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       head_dim=128, vocab_size=32768, max_position_embeddings=32768,
+                       rope_theta=1000000.0, rms_norm_eps=1e-5, sliding_window=None),
+    "qwen3-30b-a3b": dict(_DENSE_DEFAULTS, architectures=["Qwen3MoeForCausalLM"],
+                          model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                          rope_theta=1000000.0, rms_norm_eps=1e-6, attention_bias=False),
+}
+
+
+def kv_bytes_per_token(shape: dict, kv_bytes: int = 2) -> int:
+    """KV-cache bytes one token takes in every layer of ``shape`` (``kv_bytes`` per element)."""
+    head_dim = shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
+    return 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * kv_bytes
+
+
 #: Workloads of ENVIRONMENT.md / the benchmark issue: (requests, prompt tokens, output tokens).
 WORKLOADS = {
     "W0": (256, 2077, 512),
@@ -60,21 +101,30 @@ def make_dummy_model(out_dir: Path, tokenizer_dir: Path, shape: dict = LLAMA3_8B
     return out_dir
 
 
-def make_random_model(out_dir: Path, tokenizer_dir: Path, shape: dict, seed: int = 0) -> Path:
-    """A Llama checkpoint of ``shape`` with random weights drawn from ``seed`` (transformers'
-    initialisation: normal, std 0.02), stored in ``shape["torch_dtype"]``, with the tokenizer
-    of ``tokenizer_dir``. For exact comparisons on machines real weights cannot reach: vLLM
-    loads it like any checkpoint (at any TP size), the Hugging Face oracle reads the same
+def make_random_model(out_dir: Path, tokenizer_dir: Path, shape: dict, seed: int = 0,
+                      vary_vectors: float = 0.0) -> Path:
+    """A checkpoint of ``shape`` (any architecture transformers knows by ``model_type``) with
+    random weights drawn from ``seed`` (transformers' initialisation: matrices normal with std
+    ``initializer_range``; biases zero and norm weights constant unless ``vary_vectors`` adds
+    normal noise of that std to every 1-D weight, so that a bias or norm loaded wrongly shows),
+    stored in ``shape["torch_dtype"]``, with the tokenizer of ``tokenizer_dir``. For exact comparisons on machines real weights cannot reach:
+    vLLM loads it like any checkpoint (at any TP size), the Hugging Face oracle reads the same
     numbers. Written once per folder."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if (out_dir / "model.safetensors").is_file():
         return out_dir
     make_dummy_model(out_dir, tokenizer_dir, shape)  # config + tokenizer files
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in shape.items()
-                                             if k not in ("architectures", "model_type")}))
+    config = AutoConfig.for_model(shape.get("model_type", "llama"),
+                                  **{k: v for k, v in shape.items() if k != "model_type"})
+    model = AutoModelForCausalLM.from_config(config)
+    if vary_vectors:
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() == 1:
+                    param.add_(torch.randn_like(param) * vary_vectors)
     model.to(getattr(torch, shape["torch_dtype"])).save_pretrained(out_dir,
                                                                    safe_serialization=True)
     return out_dir
