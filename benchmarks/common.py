@@ -69,6 +69,7 @@ WORKLOADS = {
     "W0": (256, 2077, 512),
     "W1": (512, 4096, 1024),
     "W2": (512, 1024, 4096),
+    "WF": (96, 512, 1024),  # per-family long generation, sized for one device call per 2-3 families
     "tiny": (16, 600, 64),
     "cpu8": (8, 1500, 256),  # the CPU memory benchmark (SmolLM2, real weights)
 }

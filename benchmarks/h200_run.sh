@@ -9,7 +9,10 @@
 # PYTEST_ARGS), timeline_x2 (decode-step timeline, FLASH_ATTN vs SEPLLM, profile_step.py --timeline),
 # host (scheduler host time per decode step, benchmarks/host_step.py), pytest_gpu1 (PYTEST1_ARGS
 # on GPU 1 in the background; wait_bg waits), prefix_light|prefix_heavy (prefix-cached serving,
-# `vllm serve` + `vllm bench serve`, FLASH_ATTN vs SEPLLM, benchmarks/prefix_serve.sh; PREFIX_S each).
+# `vllm serve` + `vllm bench serve`, FLASH_ATTN vs SEPLLM, benchmarks/prefix_serve.sh; PREFIX_S each),
+# families (WF pair FLASH_ATTN vs SEPLLM:a4s64w256c356 per model shape of common.SHAPES, GPU 0,
+# --fast-start, one after the other: FAMILIES shapes, FAM_S seconds each, FAM_KV_BYTES of KV;
+# about 2-3 shapes fit one device call), fp8pair (the same pair, Llama-3.1-8B, fp8 KV cache).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git_commit=$(cat .commit 2>/dev/null || echo unknown)
@@ -45,6 +48,28 @@ pair_x2() {  # pair_x2 WORKLOAD SECONDS RUN_GPU0 RUNS_GPU1...: the two GPUs at o
     grep -v "Capturing CUDA graphs\|it/s\]" "$f" | tail -300 > "$f.tmp"; mv "$f.tmp" "$f"
   done
   tail -12 "$OUT/${w,,}_gpu0.log"; tail -16 "$OUT/${w,,}_gpu1.log"
+}
+family() {  # family SHAPE TAG LOG [ARGS...]: the WF pair of one model shape on GPU 0, then one line
+  local shape=$1 tag=$2 json="$OUT/h200_family_$2.json" log="$OUT/$3.log"; shift 3
+  CUDA_VISIBLE_DEVICES=0 timeout ${FAM_S:-170} python3 benchmarks/throughput.py --workload WF \
+    --model-shape "$shape" --fast-start --kv-cache-memory-bytes ${FAM_KV_BYTES:-6442450944} \
+    --max-num-seqs 256 --runs FLASH_ATTN SEPLLM:a4s64w256c356 "$@" --no-progress --out "$json" > "$log" 2>&1
+  local rc=$?
+  grep -v "Capturing CUDA graphs\|it/s\]" "$log" | tail -300 > "$log.tmp"; mv "$log.tmp" "$log"
+  python3 - "$json" "$log" "$tag" $rc <<'PY'
+import json, os, sys
+path, log, tag, rc = sys.argv[1:]
+if os.path.exists(path):
+    recs = json.load(open(path))
+else:  # killed by the timeout: the JSON is written at the end, each record is logged as it comes
+    recs = [json.loads(ln) for ln in open(log) if ln.startswith('{"workload"')]
+tps = {r["config"]: r["out_tok_per_s"] for r in recs if "error" not in r}
+runs = ", ".join(f"{r['run']} ERROR {r['error']}" if "error" in r
+                 else f"{r['backend']} {r['config']} {r['out_tok_per_s']:.0f}" for r in recs)
+ratio = f"{tps['a4s64w256c356'] / tps['-']:.2f}x" if {"-", "a4s64w256c356"} <= set(tps) else "-"
+print(f"family {tag}: rc={rc}{'' if os.path.exists(path) else ' (no JSON)'}, out tok/s "
+      f"{runs or 'none'}; SEPLLM / FLASH_ATTN {ratio}")
+PY
 }
 
 for step in "$@"; do
@@ -117,6 +142,11 @@ for step in "$@"; do
       CUDA_VISIBLE_DEVICES=0 timeout ${PREFIX_S:-560} bash benchmarks/prefix_serve.sh "$OUT" $p 2>&1
       echo "$step rc=$?"  # 4 files in $OUT: h200_prefix_$p{_FLASH_ATTN.json,_SEPLLM.json,_meta.json,.log}
       python3 benchmarks/plot_prefix.py --dir "$OUT" --points $p --no-plot ;;
+    families)  # one WF pair per model shape (FAMILIES), FAM_S seconds each
+      for shape in ${FAMILIES:-llama3.1-8b qwen3-8b qwen2.5-7b mistral-7b qwen3-30b-a3b}; do
+        family "$shape" "$shape" "family_$shape"
+      done ;;
+    fp8pair) family llama3.1-8b llama3.1-8b_fp8 family_fp8 --kv-cache-dtype fp8 ;;
     cli) timeout ${CLI_S:-300} bash benchmarks/gpu_cli_check.sh "$OUT/cli" > "$OUT/cli.log" 2>&1; echo "cli rc=$?"; tail -20 "$OUT/cli.log" ;;
     *) echo "unknown step $step" ;;
   esac

@@ -15,11 +15,20 @@ hold separators at the natural rate too (dummy weights would otherwise emit arbi
 almost never separators, and SepLLM would behave like StreamingLLM). With a custom logits
 processor vLLM 0.26 runs its V1 model runner for every backend.
 
+``--model-shape`` picks the dummy model among ``common.SHAPES`` (Llama 3/3.1 8B, Qwen3 8B,
+Qwen2.5 7B, Mistral 7B, Qwen3-30B-A3B MoE), ``--kv-cache-dtype`` the KV cache's storage
+(``fp8``: one byte per element), ``--fast-start`` skips torch.compile and captures full CUDA
+graphs of decode-only steps only, so an engine starts in ~30 s instead of ~70 s (for several
+families in one device call; ``compilation`` in the record says which).
+
 ``--prompts vllm-random`` takes the prompts from ``vllm bench throughput``'s own random dataset
 (same function, same seed: identical token ids) and samples like it (temperature 1, no replay),
 so the figures can be set beside that command's (see README.md).
 
-Recorded per run: workload, backend, config, replay, prompts, elapsed_s, out_tok_per_s,
+Recorded per run: workload, model (shape name, or the ``--model`` folder's name), backend,
+config, replay, prompts, kv_cache_dtype (as asked), kv_bytes_per_token (KV bytes one token
+takes in all layers at that dtype), num_kv_heads, num_layers, head_dim, vocab_size, compilation
+(``fast-start`` or ``default``), elapsed_s, out_tok_per_s,
 total_tok_per_s, num_kv_blocks (pool), block_size, peak_kv_blocks (most blocks in use at once),
 peak_running, blocks_per_request (blocks a finished request held, mean: its steady footprint),
 blocks_per_request_peak (most blocks a request held at once, e.g. during a prefill chunk),
@@ -47,9 +56,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
-    LLAMA3_8B,
+    SHAPES,
     WORKLOADS,
     environment,
+    kv_bytes_per_token,
     make_dummy_model,
     real_prompts_and_continuations,
     separator_rate,
@@ -82,22 +92,57 @@ def parse_run(spec: str) -> tuple[str, dict | None, str]:
 
 
 # ---------------------------------------------------------------------------- roofline
-def model_bytes_and_flops(cfg: dict) -> dict:
-    """From an HF Llama-style ``config.json``: bytes of weights one decode step reads (bf16; the
-    embedding table is gathered, not read, unless tied to the LM head), matmul parameters a
-    prompt token passes through (the LM head only runs for the last prompt token), KV bytes
-    per token (bf16)."""
-    h, inter, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+def kv_element_bytes(kv_cache_dtype: str, dtype: str, cfg: dict) -> int:
+    """Bytes of one KV-cache element: 1 for the fp8 formats; else that of the cache dtype, which
+    ``auto`` takes from the model (``--dtype``, or config.json's ``torch_dtype`` where that is
+    ``auto`` too): 4 for float32, 2 for bf16/fp16."""
+    if kv_cache_dtype.startswith("fp8"):
+        return 1
+    name = dtype if kv_cache_dtype == "auto" else kv_cache_dtype
+    if name == "auto":
+        name = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+    return 4 if name in ("float32", "float", "fp32") else 2
+
+
+def model_bytes_and_flops(cfg: dict, batch: int = 1, kv_bytes: int = 2) -> dict:
+    """From an HF ``config.json`` (Llama, Mistral, Qwen2/2.5, Qwen3, Qwen3-MoE): bytes of weights
+    one decode step of ``batch`` requests reads (bf16; the embedding table is gathered, not
+    read, unless tied to the LM head), matmul parameters a token passes through (the LM head
+    only runs for the last prompt token), KV bytes per token (``kv_bytes`` per element: 2 for
+    bf16, 1 for fp8). ``head_dim`` defaults to hidden / heads where the config has none
+    (Qwen2.5); biases and q/k norms are left out (well under 0.1% of the weights).
+
+    MoE layers (Qwen3-MoE: ``num_experts``, which transformers 5 saves as ``num_local_experts``,
+    ``num_experts_per_tok`` = top-k, ``moe_intermediate_size``; ``mlp_only_layers`` /
+    ``decoder_sparse_step`` keep a dense MLP), kept simple: a token's FLOPs pass through the
+    router and its top-k experts; a decode step reads attention, router and
+    ``min(num_experts, batch * top_k)`` experts per layer, i.e. as if every token picked experts
+    no other token picked. That over-counts where routing overlaps (worst near
+    ``batch * top_k = num_experts``), so the MoE decode bound is loose there; from a few times
+    that batch on, every expert is read anyway."""
+    h, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = cfg.get("head_dim") or h // hq
     vocab = cfg["vocab_size"]
-    per_layer = h * hq * d + 2 * h * hkv * d + hq * d * h + 3 * h * inter + 2 * h
-    layers = n_layers * per_layer + h  # + final norm
+    attn = h * hq * d + 2 * h * hkv * d + hq * d * h + 2 * h  # q, k, v, o + two norms
+    n_exp = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    top_k = cfg.get("num_experts_per_tok") or 0
+    step, dense_only = cfg.get("decoder_sparse_step") or 1, cfg.get("mlp_only_layers") or []
+    n_sparse = sum(1 for i in range(n_layers)  # the layers with experts, as Qwen3-MoE picks
+                   if n_exp and i not in dense_only and (i + 1) % step == 0)
+    dense = (n_layers - n_sparse) * 3 * h * cfg.get("intermediate_size", 0)
+    expert = 3 * h * (cfg.get("moe_intermediate_size") or cfg.get("intermediate_size", 0))
+    experts_read = min(n_exp, batch * top_k)
+    base = n_layers * attn + dense + n_sparse * h * n_exp + h  # + router, + final norm
+    layers = base + n_sparse * top_k * expert
     lm_head = vocab * h
-    return {"layers": n_layers, "q_heads": hq, "head_dim": d,
-            "layer_params": layers, "lm_head_params": lm_head,
-            "decode_weight_bytes": 2 * (layers + lm_head),
-            "kv_bytes_per_token": 2 * n_layers * hkv * d * 2}
+    out = {"layers": n_layers, "q_heads": hq, "head_dim": d,
+           "layer_params": layers, "lm_head_params": lm_head,
+           "decode_weight_bytes": 2 * (base + n_sparse * experts_read * expert + lm_head),
+           "kv_bytes_per_token": kv_bytes_per_token(cfg, kv_bytes)}
+    if n_sparse:
+        out["experts_read_per_layer"] = experts_read
+    return out
 
 
 def _causal_keys(n: int, cap: float) -> float:
@@ -117,7 +162,8 @@ def roofline(shape: dict, n: int, plen: int, olen: int, retained_ratio: float,
       FLOPs plus attention ``4 * layers * q_heads * head_dim * sum_t min(t, K)`` (``K`` = keys a
       query sees: all earlier ones for full attention, the request's retained KV for SepLLM),
       over the peak bf16 rate;
-    * decode: each step reads the weights once and every running request's retained KV,
+    * decode: each step reads the weights once (a MoE only the experts its batch touches,
+      see :func:`model_bytes_and_flops`) and every running request's retained KV,
       ``decode_weight_bytes + batch * kv_tokens * kv_bytes_per_token`` over HBM bandwidth,
       with ``kv_tokens = retained_ratio * (plen + olen / 2)`` (the mean context times the
       measured retained fraction); at large batches the step's FLOPs (``batch * (2 *
@@ -140,16 +186,19 @@ def roofline(shape: dict, n: int, plen: int, olen: int, retained_ratio: float,
     steps = n * olen / batch
     t_decode = steps * t_step
     total = t_prefill + t_decode
-    return {"hbm_tbps": hbm_tbps, "bf16_tflops": tflops, "batch": batch,
-            "decode_weight_bytes": shape["decode_weight_bytes"],
-            "kv_bytes_per_token": shape["kv_bytes_per_token"],
-            "kv_tokens_per_step_per_request": round(kv_tokens, 1),
-            "prefill_tflop": round(prefill_flops / 1e12, 1),
-            "decode_bound": ("memory" if step_bytes / (hbm_tbps * 1e12)
-                             >= step_flops / (tflops * 1e12) else "compute"),
-            "t_prefill_s": round(t_prefill, 3), "t_decode_s": round(t_decode, 3),
-            "t_total_s": round(total, 3),
-            "out_tok_per_s": round(n * olen / total, 1)}
+    out = {"hbm_tbps": hbm_tbps, "bf16_tflops": tflops, "batch": batch,
+           "decode_weight_bytes": shape["decode_weight_bytes"],
+           "kv_bytes_per_token": shape["kv_bytes_per_token"],
+           "kv_tokens_per_step_per_request": round(kv_tokens, 1),
+           "prefill_tflop": round(prefill_flops / 1e12, 1),
+           "decode_bound": ("memory" if step_bytes / (hbm_tbps * 1e12)
+                            >= step_flops / (tflops * 1e12) else "compute"),
+           "t_prefill_s": round(t_prefill, 3), "t_decode_s": round(t_decode, 3),
+           "t_total_s": round(total, 3),
+           "out_tok_per_s": round(n * olen / total, 1)}
+    if "experts_read_per_layer" in shape:
+        out["experts_read_per_layer"] = shape["experts_read_per_layer"]
+    return out
 
 
 # ---------------------------------------------------------------------------- one run
@@ -238,6 +287,10 @@ def run_one(args: argparse.Namespace) -> dict:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.tensor_parallel_size > 1:
         kwargs["tensor_parallel_size"] = args.tensor_parallel_size
+    if args.kv_cache_dtype != "auto":
+        kwargs["kv_cache_dtype"] = args.kv_cache_dtype
+    if args.fast_start:  # no torch.compile (~40 s a start); full CUDA graphs for decode steps
+        kwargs["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
@@ -280,9 +333,20 @@ def run_one(args: argparse.Namespace) -> dict:
         peak_blocks = steady = math.ceil((plen + olen - 1) / block_size)
         retained = 1.0
         max_concurrency = int(total_blocks // steady)
+    model_cfg = json.loads((Path(args.model) / "config.json").read_text())
+    kv_bytes = kv_element_bytes(args.kv_cache_dtype, args.dtype, model_cfg)
     record = {
-        "workload": args.workload, "backend": backend, "config": label,
+        "workload": args.workload, "model": Path(args.model).name,
+        "backend": backend, "config": label,
         "replay": replay, "prompts": args.prompts,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "kv_bytes_per_token": kv_bytes_per_token(model_cfg, kv_bytes),
+        "num_kv_heads": model_cfg["num_key_value_heads"],
+        "num_layers": model_cfg["num_hidden_layers"],
+        "head_dim": (model_cfg.get("head_dim")
+                     or model_cfg["hidden_size"] // model_cfg["num_attention_heads"]),
+        "vocab_size": model_cfg["vocab_size"],
+        "compilation": "fast-start" if args.fast_start else "default",
         "num_requests": n, "prompt_tokens": plen, "output_tokens": olen,
         "elapsed_s": round(elapsed, 2), "startup_s": round(startup, 1),
         "out_tok_per_s": round(out_tokens / elapsed, 1),
@@ -309,8 +373,8 @@ def run_one(args: argparse.Namespace) -> dict:
     if hbm and tflops:
         # TP=k: k GPUs, each reads 1/k of the weights and KV and does 1/k of the FLOPs.
         hbm, tflops = hbm * args.tensor_parallel_size, tflops * args.tensor_parallel_size
-        shape = model_bytes_and_flops(json.loads((Path(args.model) / "config.json").read_text()))
         batch = max(1, min(n, args.max_num_seqs, max_concurrency))
+        shape = model_bytes_and_flops(model_cfg, batch, kv_bytes)
         roof = roofline(shape, n, plen, olen, retained, kv_retained, batch, hbm, tflops)
         roof["pct_reached"] = round(100 * record["out_tok_per_s"] / roof["out_tok_per_s"], 1)
         record["roofline"] = roof
@@ -321,12 +385,16 @@ def run_one(args: argparse.Namespace) -> dict:
 def report_table(records: list[dict]) -> str:
     """The readable table printed at the end of a run (speed-up vs the run without config)."""
     base = next((r for r in records if r.get("config") == "-" and "error" not in r), None)
-    lines = [f"{'run':28} {'out tok/s':>10} {'total tok/s':>12} {'speed-up':>9} "
+    models = [r.get("model", "-")  # records before the model families had no model field
+              + (f" kv {r['kv_cache_dtype']}" if r.get("kv_cache_dtype", "auto") != "auto"
+                 else "") for r in records]
+    mw = max([5] + [len(m) for m in models])
+    lines = [f"{'model':{mw}} {'run':28} {'out tok/s':>10} {'total tok/s':>12} {'speed-up':>9} "
              f"{'peak blocks':>11} {'blocks/req':>10} {'max conc':>9} {'retained':>9} "
              f"{'out seps':>8} {'roofline':>10} {'reached':>8}"]
-    for r in records:
+    for r, model in zip(records, models):
         if "error" in r:
-            lines.append(f"{r['run']:28} ERROR {r['error']}")
+            lines.append(f"{model:{mw}} {r['run']:28} ERROR {r['error']}")
             continue
         speed = f"{r['out_tok_per_s'] / base['out_tok_per_s']:.2f}x" if base else "-"
         roof = r.get("roofline") or {}
@@ -335,7 +403,7 @@ def report_table(records: list[dict]) -> str:
                   else f"{'-':>10} {'-':>8}")
         seps = r.get("output_separator_rate")
         lines.append(
-            f"{name:28} {r['out_tok_per_s']:>10.0f} {r['total_tok_per_s']:>12.0f} "
+            f"{model:{mw}} {name:28} {r['out_tok_per_s']:>10.0f} {r['total_tok_per_s']:>12.0f} "
             f"{speed:>9} {r['peak_kv_blocks']:>11} {r['blocks_per_request']:>10.1f} "
             f"{r['max_concurrency']:>9} {r['retained_ratio']:>9.3f} "
             f"{'-' if seps is None else f'{seps:.3f}':>8} {roof_s}")
@@ -379,12 +447,28 @@ def plot(records: list[dict], path: Path) -> bool:
     ax2.bar_label(ax2.containers[0], fmt="%d")
     ax2.set_ylabel(f"peak KV blocks (of {ok[0]['num_kv_blocks']}, {ok[0]['block_size']} tok)")
     r0 = ok[0]
-    fig.suptitle(f"{r0['workload']}: {r0['num_requests']} x ({r0['prompt_tokens']} + "
-                 f"{r0['output_tokens']}), replay {r0['replay']}, {r0['gpu']}")
+    fig.suptitle(f"{r0.get('model', '')} {r0['workload']}: {r0['num_requests']} x "
+                 f"({r0['prompt_tokens']} + {r0['output_tokens']}), replay {r0['replay']}, "
+                 f"{r0['gpu']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def fit_vocab_to_tokenizer(model_dir: Path) -> None:
+    """Widen a dummy model's vocabulary to its tokenizer's where the tokenizer has more ids
+    (Mistral 7B's 32,768 under SmolLM2's 49,152): prompt ids past the embedding table, or
+    replayed ids past the logits, would fault. The LM head grows with it (Mistral: +134 MB read
+    per decode step, on 14.5 GB); the record's ``vocab_size`` says what ran."""
+    from transformers import AutoTokenizer
+
+    n = len(AutoTokenizer.from_pretrained(model_dir))
+    path = model_dir / "config.json"
+    cfg = json.loads(path.read_text())
+    if n > cfg["vocab_size"]:
+        print(f"{model_dir.name}: vocab_size {cfg['vocab_size']} -> {n} (the tokenizer's)")
+        path.write_text(json.dumps(dict(cfg, vocab_size=n), indent=1))
 
 
 def main() -> None:
@@ -393,7 +477,8 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", default=["FLASH_ATTN", "SEPLLM:a4s64w256"])
     p.add_argument("--run", help=argparse.SUPPRESS)  # child mode
     p.add_argument("--model", default=None, help="HF folder; default: a dummy-weight shape")
-    p.add_argument("--model-shape", default="llama3-8b", choices=["llama3-8b"])
+    p.add_argument("--model-shape", default="llama3-8b", choices=list(SHAPES),
+                   help="dummy-weight model shape (common.SHAPES) when --model is not given")
     p.add_argument("--tokenizer-dir", default=".gpu/tok")
     p.add_argument("--load-format", default="dummy")
     p.add_argument("--dtype", default="bfloat16")
@@ -403,6 +488,11 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.0)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="vLLM's kv_cache_dtype (auto: the model's; fp8: one byte per element)")
+    p.add_argument("--fast-start", action="store_true",
+                   help="no torch.compile, full CUDA graphs of decode-only steps: an engine "
+                        "starts in ~30 s instead of ~70 s on the H200")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="vLLM tensor parallelism (the roofline counts that many GPUs)")
     p.add_argument("--seed", type=int, default=0)
@@ -434,7 +524,8 @@ def main() -> None:
     if args.model is None:
         tmp = tempfile.mkdtemp(prefix="sepllm-model-")
         args.model = str(make_dummy_model(Path(tmp) / args.model_shape,
-                                          Path(args.tokenizer_dir), LLAMA3_8B))
+                                          Path(args.tokenizer_dir), SHAPES[args.model_shape]))
+        fit_vocab_to_tokenizer(Path(args.model))
     records = []
     for i, spec in enumerate(args.runs):
         cmd = [sys.executable, __file__, "--run", spec]
@@ -449,7 +540,9 @@ def main() -> None:
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             sys.stderr.write(proc.stdout[-4000:])
-            records.append({"workload": args.workload, "run": spec, "error": proc.returncode})
+            records.append({"workload": args.workload, "model": Path(args.model).name,
+                            "kv_cache_dtype": args.kv_cache_dtype, "run": spec,
+                            "error": proc.returncode})
             continue
         records.append(json.loads(lines[-1][len("RESULT "):]))
         print(json.dumps(records[-1]), flush=True)
