@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+FP8 = torch.float8_e4m3fn
 #: Softmax runs in base 2 (``exp2`` is one instruction); scores are scaled by log2(e).
 LOG2E = 1.4426950408889634
 #: Launch settings: warps, and pipeline stages (the loads of the next tiles are in flight while
@@ -44,6 +45,7 @@ def _decode_kernel(
     out_ptr,  # [B, Hq, D], written when not SPLIT_KV
     part_out_ptr,  # [B, Hq, num_splits, D] fp32, written when SPLIT_KV
     part_lse_ptr,  # [B, Hq, num_splits] fp32 (base-2 log-sum-exp), written when SPLIT_KV
+    k_scale_ptr, v_scale_ptr,  # [1] fp32 dequantization scales of an fp8 cache (KV_FP8)
     qk_scale,  # softmax scale * log2(e)
     num_splits,  # a runtime value: split counts vary step to step, without recompiling
     stride_q_b, stride_q_h,
@@ -58,6 +60,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per cache page
     TILE_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (TF32 would lose ~3 digits)
+    KV_FP8: tl.constexpr,  # e4m3 cache: tiles widen to q's dtype (exact), scales applied after
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -79,6 +82,9 @@ def _decode_kernel(
     q = tl.load(q_ptr + q_offs + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :],
                 other=0.0)
 
+    if KV_FP8:  # s = q . (k8 * k_scale) = (q . k8) * k_scale; likewise V after the sum
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -93,6 +99,9 @@ def _decode_kernel(
         k = tl.load(kv_head_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(kv_head_ptr + row[:, None] + HEAD_SIZE + offs_d[None, :], mask=kv_mask,
                     other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -108,6 +117,8 @@ def _decode_kernel(
     # log-sum-exp of -inf, which the merge weighs by zero.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
+    if KV_FP8:
+        o = o * tl.load(v_scale_ptr)
     o_mask = g_mask[:, None] & d_mask[None, :]
     if not SPLIT_KV:
         o_offs = b.to(tl.int64) * stride_o_b + head.to(tl.int64)[:, None] * stride_o_h
@@ -153,6 +164,21 @@ def _merge_kernel(
     tl.store(out_ptr + o_offs + offs_d, merged.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
+def fp8_operands(kv_cache: torch.Tensor, q: torch.Tensor, k_scale: torch.Tensor | None,
+                 v_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cache as the kernels read it and its scales: an fp8 cache (uint8 storage) viewed as
+    e4m3 with its scales (default 1); any other cache must have q's dtype (its scale
+    arguments are placeholders the kernels never read)."""
+    if kv_cache.dtype in (torch.uint8, FP8):
+        ones = None if k_scale is not None and v_scale is not None else \
+            torch.ones(1, dtype=torch.float32, device=q.device)
+        return (kv_cache.view(FP8), ones if k_scale is None else k_scale,
+                ones if v_scale is None else v_scale)
+    if kv_cache.dtype != q.dtype:
+        raise ValueError(f"kv_cache dtype {kv_cache.dtype} != q dtype {q.dtype}")
+    return kv_cache, q, q
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """Exact fp32 dots for fp32 inputs; the setting is ignored for 16-bit inputs."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -184,13 +210,16 @@ def sepllm_decode(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_cache_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query per request over its whole (compacted) paged cache.
 
     Parameters
     ----------
     q : [B, Hq, D] float16 / bfloat16 / float32, last dim contiguous.
-    kv_cache : [num_blocks, block_size, Hkv, 2D], q's dtype; K = ``[..., :D]``, V = ``[..., D:]``.
+    kv_cache : [num_blocks, block_size, Hkv, 2D], q's dtype, or fp8 (e4m3, uint8 storage as
+        vLLM allocates it); K = ``[..., :D]``, V = ``[..., D:]``.
         ``Hq`` must be a multiple of ``Hkv``; any block size and head size work.
     block_table : [B, max_blocks] int32; cache index ``i`` of request ``b`` lives in slot
         ``block_table[b, i // block_size] * block_size + i % block_size``.
@@ -200,6 +229,8 @@ def sepllm_decode(
     num_splits : splits of each request's keys; default :func:`default_num_splits`.
     max_cache_len : host-side ``max(cache_lens)`` for the default split count; without it the
         default reads ``cache_lens`` back from the device (a sync).
+    k_scale, v_scale : [1] float32 device tensors, an fp8 cache's dequantization scales
+        (vLLM's ``layer._k_scale`` / ``_v_scale``); default 1.
 
     Returns
     -------
@@ -209,8 +240,7 @@ def sepllm_decode(
     _, block_size, num_kv_heads, two_d = kv_cache.shape
     if two_d != 2 * head_size or num_heads % num_kv_heads:
         raise ValueError(f"q {tuple(q.shape)} does not fit kv_cache {tuple(kv_cache.shape)}")
-    if kv_cache.dtype != q.dtype:
-        raise ValueError(f"kv_cache dtype {kv_cache.dtype} != q dtype {q.dtype}")
+    kv_cache, k_scale, v_scale = fp8_operands(kv_cache, q, k_scale, v_scale)
     if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
         raise ValueError("q and kv_cache need a contiguous last dimension")
     if out is None:
@@ -233,7 +263,7 @@ def sepllm_decode(
     else:  # the kernel writes out directly; the partial pointers are never read
         part_out = part_lse = out
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, kv_cache, block_table, cache_lens, out, part_out, part_lse,
+        q, kv_cache, block_table, cache_lens, out, part_out, part_lse, k_scale, v_scale,
         scale * LOG2E,
         num_splits,
         q.stride(0), q.stride(1),
@@ -246,6 +276,7 @@ def sepllm_decode(
         BLOCK_SIZE=block_size,
         TILE_N=_tile_n(head_size),
         DOT_PRECISION=dot_precision(q.dtype),
+        KV_FP8=kv_cache.dtype == FP8,
         num_warps=_NUM_WARPS,
         num_stages=_NUM_STAGES,
         **common,

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode import LOG2E, dot_precision
+from kernels.decode import FP8, LOG2E, dot_precision, fp8_operands
 from vllm_sepllm.policy import Retention
 
 
@@ -160,7 +160,8 @@ def prefill_key_meta(
 def _attend_tile(q, m_i, l_i, acc, tile_start, end, bt_row, kv_head_ptr, key_pos_ptr,
                  key_rank_ptr, meta_row, t_pos, thresh, win_floor, num_sinks, offs_d, d_mask,
                  qk_scale, stride_kv_block, stride_kv_slot, HEAD_SIZE: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 KV_FP8: tl.constexpr):
     """One key tile ``[tile_start, min(tile_start + TILE_N, end))`` of the online softmax."""
     idx = tile_start + tl.arange(0, TILE_N)
     valid = idx < end
@@ -170,6 +171,9 @@ def _attend_tile(q, m_i, l_i, acc, tile_start, end, bt_row, kv_head_ptr, key_pos
     k = tl.load(kv_head_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(kv_head_ptr + row[:, None] + HEAD_SIZE + offs_d[None, :], mask=kv_mask,
                 other=0.0)
+    if KV_FP8:  # widening e4m3 is exact; the scales are applied by the caller
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     k_pos = tl.load(key_pos_ptr + meta_row + idx, mask=valid, other=0)
     k_rank = tl.load(key_rank_ptr + meta_row + idx, mask=valid, other=-1)
 
@@ -203,6 +207,7 @@ def _prefill_kernel(
     num_sinks_ptr,  # [B] int32
     window_ptr,  # [B] int32
     out_ptr,  # [T, Hq, D]
+    k_scale_ptr, v_scale_ptr,  # [1] fp32 dequantization scales of an fp8 cache (KV_FP8)
     qk_scale,  # softmax scale * log2(e)
     stride_q_t, stride_q_h,
     stride_kv_block, stride_kv_slot, stride_kv_head,
@@ -217,6 +222,7 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per cache page
     TILE_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,  # e4m3 cache: s = (q . k8) * k_scale, o = (p . v8) * v_scale
 ):
     q_tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -245,6 +251,8 @@ def _prefill_kernel(
     t_pos = tl.load(q_pos_ptr + t, mask=tok_mask, other=0)
     thresh = tl.load(q_thresh_ptr + t, mask=tok_mask, other=0)
     win_floor = t_pos - window  # keys above this are in the query's window
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     # The chunk's keys sit in order at cache indices length - q_len ...; those after the tile's
     # last query are its future, so the scan stops there (the causal half of the work). Before
@@ -265,16 +273,18 @@ def _prefill_kernel(
             q, m_i, l_i, acc, tile_start, chunk_start, bt_row, kv_head_ptr, key_pos_ptr,
             key_rank_ptr, meta_row, t_pos, thresh, win_floor, num_sinks, offs_d, d_mask,
             qk_scale, stride_kv_block, stride_kv_slot, HEAD_SIZE, BLOCK_SIZE, TILE_N,
-            DOT_PRECISION)
+            DOT_PRECISION, KV_FP8)
     for tile_start in range(chunk_lo, kv_end, TILE_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, tile_start, kv_end, bt_row, kv_head_ptr, key_pos_ptr,
             key_rank_ptr, meta_row, t_pos, thresh, win_floor, num_sinks, offs_d, d_mask,
             qk_scale, stride_kv_block, stride_kv_slot, HEAD_SIZE, BLOCK_SIZE, TILE_N,
-            DOT_PRECISION)
+            DOT_PRECISION, KV_FP8)
 
     # Every real query sees its own key (l_i > 0); padding rows divide by 1 and are not stored.
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if KV_FP8:
+        o = o * tl.load(v_scale_ptr)
     tl.store(out_ptr + t[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
@@ -290,13 +300,16 @@ def sepllm_prefill(
     scale: float,
     out: torch.Tensor | None = None,
     max_query_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SepLLM-masked attention of chunks of new tokens over their paged, compacted caches.
 
     Parameters
     ----------
     q : [T, Hq, D] float16 / bfloat16 / float32, last dim contiguous; request after request.
-    kv_cache : [num_blocks, block_size, Hkv, 2D], q's dtype, K = ``[..., :D]``, V = ``[..., D:]``;
+    kv_cache : [num_blocks, block_size, Hkv, 2D], q's dtype or fp8 (e4m3, uint8 storage),
+        K = ``[..., :D]``, V = ``[..., D:]``;
         request b's chunk of ``q_len`` keys is already written, in order, at cache indices
         ``cache_lens[b] - q_len .. cache_lens[b] - 1``.
     block_table : [B, max_blocks] int32.
@@ -309,6 +322,7 @@ def sepllm_prefill(
     out : optional [T, Hq, D] output (any float dtype), written in place.
     max_query_len : host-side longest chunk, sizes the grid; without it, read back from the
         device (a sync).
+    k_scale, v_scale : [1] float32 device tensors, an fp8 cache's scales; default 1.
 
     Returns
     -------
@@ -318,8 +332,7 @@ def sepllm_prefill(
     _, block_size, num_kv_heads, two_d = kv_cache.shape
     if two_d != 2 * head_size or num_heads % num_kv_heads:
         raise ValueError(f"q {tuple(q.shape)} does not fit kv_cache {tuple(kv_cache.shape)}")
-    if kv_cache.dtype != q.dtype:
-        raise ValueError(f"kv_cache dtype {kv_cache.dtype} != q dtype {q.dtype}")
+    kv_cache, k_scale, v_scale = fp8_operands(kv_cache, q, k_scale, v_scale)
     if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
         raise ValueError("q and kv_cache need a contiguous last dimension")
     if meta.key_pos.stride() != meta.key_rank.stride() or meta.key_pos.stride(-1) != 1:
@@ -340,7 +353,7 @@ def sepllm_prefill(
     _prefill_kernel[grid](
         q, kv_cache, block_table, cache_lens, query_start_loc, q_pos,
         meta.key_pos, meta.key_rank, meta.q_thresh, meta.q_kv_lo, meta.num_sinks, meta.window,
-        out,
+        out, k_scale, v_scale,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
@@ -355,6 +368,7 @@ def sepllm_prefill(
         BLOCK_SIZE=block_size,
         TILE_N=tile_n,
         DOT_PRECISION=dot_precision(q.dtype),
+        KV_FP8=kv_cache.dtype == FP8,
         num_warps=num_warps,
         num_stages=num_stages,
     )

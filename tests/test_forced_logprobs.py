@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.common import LLAMA3_8B, make_random_model, real_prompts_and_continuations
+from benchmarks.common import LLAMA3_8B, SHAPES, make_random_model, real_prompts_and_continuations
 from benchmarks.replay import FQCN
 from tests.engine import cpu_engine_kwargs, engine
 from tests.oracle_hf import forced_logprobs
@@ -44,7 +44,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(LLAMA3_8B, hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=2, vocab_size=49152,
              max_position_embeddings=4096, tie_word_embeddings=True)
+#: A non-Llama family at the same size: Qwen3 (RMSNorm on q and k, whose weights, like every
+#: norm weight, are varied by ``vary_vectors`` so a norm loaded wrongly shows).
+QWEN3_SHAPE = dict(SHAPES["qwen3-8b"], hidden_size=1024, intermediate_size=2048,
+                   num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                   vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=True)
 CUDA = torch.cuda.is_available()
+#: fp8 KV: the yardstick is vLLM's own backend with the same fp8 cache and no eviction (FA3 on
+#: the H200; CPU_ATTN on CPU), against the full-attention oracle; SEPLLM fp8 must stay within
+#: FP8_MARGIN times its worst per-request mean and its largest error.
+FP8_BASELINE = "FLASH_ATTN" if CUDA else "CPU_ATTN"
+FP8_MARGIN = 2.0
 SEPLLM = {"num_sinks": 4, "sep_cap": 16, "window": 64}
 CACHE_SIZE = 120  # batched eviction: the cache cycles between a + s + w = 84 and 120 tokens
 # Per request: mean and max |vLLM - oracle| over its tokens, nats.
@@ -81,6 +91,12 @@ def model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def qwen3_model(tmp_path_factory) -> str:
+    return str(make_random_model(tmp_path_factory.mktemp("random-qwen3"), _tokenizer_dir(),
+                                 QWEN3_SHAPE, vary_vectors=0.1))
+
+
+@pytest.fixture(scope="module")
 def requests_(model):
     """Prompts of 600 to 1,200 tokens and continuations of 32 to 128 (so the decode batch
     shrinks through several captured sizes), cut from real text."""
@@ -93,37 +109,44 @@ def requests_(model):
     return [(p[-lp:], c[:lc]) for (lp, lc), p, c in zip(lengths, prompts, conts)]
 
 
-def _engine_kwargs(sepllm: dict) -> dict:
-    common = dict(attention_backend="SEPLLM", additional_config={"sepllm": sepllm},
-                  logits_processors=[FQCN], logprobs_mode="raw_logprobs",
-                  enable_chunked_prefill=False, max_num_batched_tokens=4096,
-                  max_model_len=2048, seed=0)
+def _engine_kwargs(sepllm: dict | None, backend: str = "SEPLLM", **extra) -> dict:
+    common = dict(attention_backend=backend, logits_processors=[FQCN],
+                  logprobs_mode="raw_logprobs", enable_chunked_prefill=False,
+                  max_num_batched_tokens=4096, max_model_len=2048, seed=0, **extra)
+    if sepllm is not None:
+        common["additional_config"] = {"sepllm": sepllm}
     if CUDA:
         return dict(common, dtype="bfloat16", max_num_seqs=128, gpu_memory_utilization=0.3)
     return cpu_engine_kwargs(**common)
 
 
-def _run(model: str, reqs, sepllm: dict):
+def _run(model: str, reqs, sepllm: dict | None, backend: str = "SEPLLM", **extra):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = [SamplingParams(max_tokens=len(c), ignore_eos=True, logprobs=0,
                              extra_args={"replay": list(c)}) for _, c in reqs]
     prompts = [TokensPrompt(prompt_token_ids=p) for p, _ in reqs]
-    with engine(model, **_engine_kwargs(sepllm)) as llm:
+    with engine(model, **_engine_kwargs(sepllm, backend, **extra)) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
-        seps = llm.llm_engine.vllm_config.additional_config["sepllm"]["separator_token_ids"]
+        seps = (llm.llm_engine.vllm_config.additional_config or {}).get(
+            "sepllm", {}).get("separator_token_ids", [])
     got = []
     for out, (_, cont) in zip(outs, reqs):
         comp = out.outputs[0]
         assert list(comp.token_ids) == list(cont), "the replay did not force the continuation"
         got.append(np.array([step[t].logprob for step, t in zip(comp.logprobs, cont)]))
-    stats = [dict(o.kv_transfer_params["sepllm"], cached=o.num_cached_tokens) for o in outs]
+    stats = [dict((o.kv_transfer_params or {}).get("sepllm", {}), cached=o.num_cached_tokens)
+             for o in outs]
     return got, set(seps), stats
 
 
-def _check(model, reqs, got, sep_ids, rule: dict, others: dict[str, dict]):
+def _check(model, reqs, got, sep_ids, rule: dict, others: dict[str, dict],
+           tol: tuple[float, float] = (TOL_MEAN, TOL_MAX), separation: float = SEPARATION):
+    """Each request within ``tol`` (mean, max |d| over its tokens) of its rule's oracle and
+    ``separation`` times farther (and beyond the mean tolerance) from the other rules'."""
     device = "cuda" if CUDA else "cpu"
+    tol_mean, tol_max = tol
     a, s, w = SEPLLM["num_sinks"], SEPLLM["sep_cap"], SEPLLM["window"]
     failures = []
     errs, seps = [], []
@@ -132,7 +155,7 @@ def _check(model, reqs, got, sep_ids, rule: dict, others: dict[str, dict]):
                                         **rule))
         err = np.abs(lp - want)
         errs.append(err)
-        if err.mean() > TOL_MEAN or err.max() > TOL_MAX:
+        if err.mean() > tol_mean or err.max() > tol_max:
             failures.append((i, "own rule", round(err.mean(), 4), round(err.max(), 4)))
         if i % 4:  # the other rules on every fourth request (they cost oracle time only)
             continue
@@ -140,7 +163,7 @@ def _check(model, reqs, got, sep_ids, rule: dict, others: dict[str, dict]):
             dist = np.abs(lp - np.array(forced_logprobs(model, prompt, cont, sep_ids, a, s, w,
                                                         device=device, **other))).mean()
             seps.append(dist)
-            if dist < max(SEPARATION * err.mean(), TOL_MEAN):  # would fail the tolerance
+            if dist < max(separation * err.mean(), tol_mean):  # would fail the tolerance
                 failures.append((i, name, round(dist, 4), round(err.mean(), 4)))
     every = np.concatenate(errs)
     print(f"\n{len(reqs)} requests, {every.size} forced tokens: |vLLM - oracle| mean "
@@ -183,3 +206,41 @@ def test_prefix_hits_match_oracle(model, requests_, rule):
     others["batched rule" if not rule else "exact rule"] = (
         {"cache_size": CACHE_SIZE} if not rule else {})
     _check(model, reqs, got, sep_ids, rule, others)
+
+
+def test_qwen3_exact_eviction_matches_oracle(qwen3_model, requests_):
+    """The same check on a second architecture (Qwen3: q/k norm, no bias, theta 1e6)."""
+    got, sep_ids, stats = _run(qwen3_model, requests_, SEPLLM)
+    assert all(st["kv_evicted"] > 0 for st in stats)
+    _check(qwen3_model, requests_, got, sep_ids, {},
+           {"full attention": {"mode": "full"}, "StreamingLLM": {"mode": "streamingllm"}})
+
+
+@pytest.fixture(scope="module")
+def fp8_tolerance(model, requests_) -> tuple[float, float]:
+    """(mean, max) tolerance for an fp8 KV cache, derived from vLLM's own backend with the same
+    fp8 cache and no eviction against the full-attention oracle: FP8_MARGIN times its worst
+    per-request mean error and its largest error."""
+    got, _, _ = _run(model, requests_, None, FP8_BASELINE, kv_cache_dtype="fp8")
+    device = "cuda" if CUDA else "cpu"
+    errs = [np.abs(lp - np.array(forced_logprobs(model, p, c, (), 0, None, 1, mode="full",
+                                                 device=device)))
+            for (p, c), lp in zip(requests_, got)]
+    worst_mean, worst = max(e.mean() for e in errs), max(e.max() for e in errs)
+    print(f"\n{FP8_BASELINE} fp8 vs the full-attention oracle: mean {np.concatenate(errs).mean():.2e}"
+          f", worst request mean {worst_mean:.2e}, max {worst:.2e}")
+    assert worst_mean > 0, "the fp8 cache changed nothing: is it really fp8?"
+    return FP8_MARGIN * worst_mean, FP8_MARGIN * worst
+
+
+@pytest.mark.parametrize("rule", [{}, {"cache_size": CACHE_SIZE}], ids=["exact", "batched"])
+def test_fp8_kv_matches_oracle(model, requests_, fp8_tolerance, rule):
+    """fp8 KV cache (e4m3, vLLM's scales): SEPLLM writes, compacts and reads fp8 (on the H200:
+    FA3 decode on e4m3, the Triton masked prefill dequantizing), and stays as close to its
+    rule's fp32 oracle as vLLM's own fp8 attention is to full attention's, while far from the
+    other rules."""
+    got, sep_ids, stats = _run(model, requests_, dict(SEPLLM, **rule), kv_cache_dtype="fp8")
+    assert all(st["kv_evicted"] > 0 for st in stats)
+    others = {"full attention": {"mode": "full"},
+              "StreamingLLM": {"mode": "streamingllm"}}
+    _check(model, requests_, got, sep_ids, rule, others, tol=fp8_tolerance, separation=3.0)

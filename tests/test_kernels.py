@@ -32,6 +32,7 @@ from vllm_sepllm.reference import (  # noqa: E402
     masked_attention,
     move_slots,
     paged_sepllm_attention,
+    quantize_fp8,
     sepllm_mask,
 )
 
@@ -101,6 +102,55 @@ def check_decode(cache_lens, gqa, head_size, block_size, dtype, num_splits, devi
         torch.testing.assert_close(out, ref32, atol=1e-5, rtol=1e-5)
     else:
         assert_close_to_fp32(out, decode_attention(q, flat, slots, valid, scale), ref32)
+
+
+#: fp8 scales: powers of two, so the dequantized K/V are exact in 16-bit and the torch
+#: reference in the query's dtype sees the very values the kernels compute with.
+FP8_SCALES = (0.5, 0.25)
+
+
+def to_fp8(kv_cache, k_scale, v_scale):
+    """A 16/32-bit cache quantized as vLLM's KV write does: e4m3 bytes of x / scale (uint8)."""
+    d = kv_cache.shape[-1] // 2
+    return torch.cat([quantize_fp8(kv_cache[..., :d], k_scale),
+                      quantize_fp8(kv_cache[..., d:], v_scale)], dim=-1)
+
+
+def check_decode_fp8(cache_lens, gqa, head_size, block_size, dtype, num_splits, device, seed=0):
+    """The Triton decode kernel over an fp8 cache equals the torch reference that dequantizes."""
+    gen = torch.Generator().manual_seed(seed)
+    num_heads, num_kv_heads = gqa
+    kv32, block_table, slots, valid = paged_cache(
+        cache_lens, num_kv_heads, head_size, block_size, torch.float32, device, gen)
+    kv8 = to_fp8(kv32 * 2, *FP8_SCALES)  # |x| / scale up to ~40: e4m3's range is +-448
+    assert kv8.dtype == torch.uint8
+    scales = [torch.tensor([x], device=device) for x in FP8_SCALES]
+    q = torch.randn(len(cache_lens), num_heads, head_size, generator=gen).to(device, dtype)
+    lens = torch.tensor(cache_lens, dtype=torch.int32, device=device)
+    scale = head_size ** -0.5
+    out = sepllm_decode(q, kv8, block_table, lens, scale, num_splits=num_splits,
+                        max_cache_len=max(cache_lens), k_scale=scales[0], v_scale=scales[1])
+    flat = kv8.view(-1, num_kv_heads, 2 * head_size)
+    ref32 = decode_attention(q.float(), flat, slots, valid, scale, *scales)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref32, atol=1e-5, rtol=1e-5)
+    else:
+        assert_close_to_fp32(out, decode_attention(q, flat, slots, valid, scale, *scales), ref32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [None, 5])
+@pytest.mark.parametrize("gqa", [(32, 8), (28, 4)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_decode_fp8(head_size, dtype, gqa, num_splits):
+    check_decode_fp8([1177, 654, 19, 1], gqa, head_size, 16, dtype, num_splits, "cuda")
+
+
+@interpreter_only
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_interp_decode_fp8(num_splits):
+    check_decode_fp8([150, 19, 3, 1], (9, 3), 64, 16, torch.float32, num_splits, "cpu")
 
 
 @pytest.mark.gpu
@@ -184,12 +234,20 @@ def test_interp_decode_padded_rows(num_splits):
     check_decode_padded(num_splits, torch.float32, "cpu")
 
 
-def _graph_decode_case(kernel, flash_splits=32):
+def _graph_decode_case(kernel, flash_splits=32, fp8=False):
     """The backend's uniform-decode path (``SepLLMImpl._plain``) captured in a CUDA
     graph, then replayed after the persistent inputs changed in place (new lengths, pages,
     queries, KV): replay must equal the torch reference of the *new* inputs. FlashAttention
-    with vLLM's split bound (32) and unsplit (1, what the builder gives large batches)."""
+    with vLLM's split bound (32) and unsplit (1, what the builder gives large batches).
+
+    ``fp8``: an e4m3 cache with scales (0.5, 0.25). The Triton kernel keeps bf16 queries and
+    meets the usual bound; FA3 reads e4m3 queries (quantized by the backend) and rounds the
+    softmax weights to e4m3 before P.V, so it is held to 5% of the output's magnitude against
+    the reference with the same quantized queries (a key read wrongly moves it by ~100%)."""
+    from types import SimpleNamespace
+
     from vllm_sepllm.backend import SepLLMImpl, SepLLMMetadata, _flash_attn
+    from vllm_sepllm.reference import FP8
 
     flash = _flash_attn()
     if kernel == "flash" and flash is None:
@@ -200,6 +258,12 @@ def _graph_decode_case(kernel, flash_splits=32):
     capacity = padded * (-(-max_len // block_size)) + 4
     kv = torch.randn(capacity, block_size, num_kv_heads, 2 * head_size, generator=gen)
     kv = kv.to("cuda", dtype)
+    scales = [torch.tensor([x], device="cuda") for x in FP8_SCALES] if fp8 else \
+        [torch.ones(1, device="cuda")] * 2
+    if fp8:
+        kv = to_fp8(kv, *FP8_SCALES)
+    layer = SimpleNamespace(_q_scale=torch.ones(1, device="cuda"), _k_scale=scales[0],
+                            _v_scale=scales[1])
     table = torch.zeros(padded, -(-max_len // block_size), dtype=torch.int32, device="cuda")
     lens = torch.zeros(padded, dtype=torch.int32, device="cuda")
     qsl = torch.arange(padded + 1, dtype=torch.int32, device="cuda")
@@ -217,11 +281,13 @@ def _graph_decode_case(kernel, flash_splits=32):
         lens.zero_()
         lens[:len(cache_lens)] = torch.tensor(cache_lens, dtype=torch.int32)
         q.copy_(torch.randn(q.shape, generator=gen))
-        kv.copy_(torch.randn(kv.shape, generator=gen))
+        new_kv = torch.randn(kv.shape, generator=gen)
+        kv.copy_(to_fp8(new_kv * 2, *FP8_SCALES) if fp8 else new_kv)
 
     impl = SepLLMImpl.__new__(SepLLMImpl)
     impl.num_heads, impl.head_size, impl.num_kv_heads = num_heads, head_size, num_kv_heads
     impl.scale, impl.flash, impl.decode_kernel = head_size ** -0.5, flash, kernel
+    impl.fp8 = fp8
     sched_buf = torch.zeros(1 + 4 * 2 * 4, dtype=torch.int32, device="cuda") \
         if kernel == "flash" and flash.version == 3 else None
 
@@ -231,7 +297,8 @@ def _graph_decode_case(kernel, flash_splits=32):
             s = flash.scheduler_metadata(
                 batch_size=padded, max_seqlen_q=1, max_seqlen_k=max_seq_len,
                 num_heads_q=num_heads, num_heads_kv=num_kv_heads, headdim=head_size,
-                cache_seqlens=lens, qkv_dtype=dtype, cu_seqlens_q=qsl, page_size=block_size,
+                cache_seqlens=lens, qkv_dtype=FP8 if fp8 else dtype, cu_seqlens_q=qsl,
+                page_size=block_size,
                 causal=True, window_size=(-1, -1), num_splits=splits)
             sched_buf[:s.shape[0]] = s
             sched_buf[s.shape[0]:] = 0
@@ -244,11 +311,11 @@ def _graph_decode_case(kernel, flash_splits=32):
 
     fill([max_len, 3, 300, 1, 19])
     md = metadata(max_len)
-    impl._plain(q, kv, md, out)  # warm-up (Triton compiles outside the capture)
+    impl._plain(layer, q, kv, md, out)  # warm-up (Triton compiles outside the capture)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        impl._plain(q, kv, md, out)
+        impl._plain(layer, q, kv, md, out)
     for cache_lens in ([19, 1177, 1, 700, 64], [1, 1, 2, 3, 5]):
         fill(cache_lens)
         metadata(max(cache_lens))  # refreshes the FA3 schedule buffer in place, as build() does
@@ -261,8 +328,15 @@ def _graph_decode_case(kernel, flash_splits=32):
         slots = slots.masked_fill(~valid, 0)
         flat = kv.view(-1, num_kv_heads, 2 * head_size)
         scale = head_size ** -0.5
-        ref32 = decode_attention(q[:batch].float(), flat.float(), slots, valid, scale)
-        same = decode_attention(q[:batch], flat, slots, valid, scale)
+        if fp8 and kernel == "flash":
+            q8 = q[:batch].float().to(FP8).float()  # q_scale 1
+            ref32 = decode_attention(q8, flat, slots, valid, scale, *scales)
+            err = (out[:batch].float() - ref32).abs().max().item()
+            assert err <= 0.05 * ref32.abs().max().item(), err
+            continue
+        flat32 = flat if fp8 else flat.float()
+        ref32 = decode_attention(q[:batch].float(), flat32, slots, valid, scale, *scales)
+        same = decode_attention(q[:batch], flat, slots, valid, scale, *scales)
         assert_close_to_fp32(out[:batch], same, ref32)
 
 
@@ -273,6 +347,8 @@ def test_plain_mixed_step_flash(dtype):
     FlashAttention call (``SepLLMImpl._plain``, ``max_query_len > 1``): row b's queries are the
     last ``q_b`` of its ``L_b`` cache indices, each sees the indices up to its own. Compared
     with the torch reference of exactly that visibility."""
+    from types import SimpleNamespace
+
     from vllm_sepllm.backend import SepLLMImpl, SepLLMMetadata, _flash_attn
 
     flash = _flash_attn()
@@ -301,13 +377,15 @@ def test_plain_mixed_step_flash(dtype):
     impl = SepLLMImpl.__new__(SepLLMImpl)
     impl.num_heads, impl.head_size, impl.num_kv_heads = num_heads, head_size, num_kv_heads
     impl.scale, impl.flash, impl.decode_kernel = head_size ** -0.5, flash, "flash"
+    impl.fp8 = False
     md = SepLLMMetadata(
         num_actual_tokens=q.shape[0], slot_mapping=torch.full((q.shape[0],), -1, device="cuda"),
         decode_rows=None, decode_block_table=table,
         decode_cache_lens=torch.tensor(lens, dtype=torch.int32, device="cuda"),
         decode_max_len=max(lens), decode_slots=None, decode_valid=None, prefills=[],
         query_start_loc=qsl, num_splits=0, scheduler_metadata=None, max_query_len=max(qlens))
-    impl._plain(q, kv, md, out)
+    one = torch.ones(1, device="cuda")
+    impl._plain(SimpleNamespace(_q_scale=one, _k_scale=one, _v_scale=one), q, kv, md, out)
     torch.cuda.synchronize()
     flat = kv.view(-1, num_kv_heads, 2 * head_size)
     for b, (ql, n) in enumerate(zip(qlens, lens)):
@@ -322,12 +400,13 @@ def test_plain_mixed_step_flash(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("kernel", ["flash", "triton", "flash-unsplit"])
-def test_uniform_decode_under_cuda_graph(kernel):
+def test_uniform_decode_under_cuda_graph(kernel, fp8):
     if kernel == "flash-unsplit":
-        _graph_decode_case("flash", flash_splits=1)
+        _graph_decode_case("flash", flash_splits=1, fp8=fp8)
     else:
-        _graph_decode_case(kernel)
+        _graph_decode_case(kernel, fp8=fp8)
 
 
 @pytest.mark.gpu
@@ -372,20 +451,23 @@ def test_kv_write_skips_padding_like_reference():
     if flash is None:
         pytest.skip("vLLM FlashAttention ops are not available")
     gen = torch.Generator().manual_seed(4)
-    for dtype, hkv, d in [(torch.bfloat16, 8, 128), (torch.float16, 3, 64)]:
+    for dtype, hkv, d, cache in [(torch.bfloat16, 8, 128, "auto"), (torch.float16, 3, 64, "auto"),
+                                 (torch.bfloat16, 8, 128, "fp8")]:
         kv = torch.randn(40, 16, hkv, 2 * d, generator=gen).to("cuda", dtype)
-        key = torch.randn(37, hkv, d, generator=gen).to("cuda", dtype)
+        if cache == "fp8":  # e4m3 bytes; values past +-448 / scale saturate in both writers
+            kv = to_fp8(kv, 1.0, 1.0)
+        key = (torch.randn(37, hkv, d, generator=gen) * 300).to("cuda", dtype)
         value = torch.randn(37, hkv, d, generator=gen).to("cuda", dtype)
         slots = torch.randperm(40 * 16, generator=gen)[:33].to("cuda")
         slots[[0, 5, 32]] = -1  # padding
+        k_scale, v_scale = (torch.tensor(0.5, device="cuda"), torch.tensor(0.25, device="cuda"))
         expected = kv.clone()
-        write_kv(expected, key, value, slots)
+        write_kv(expected, key, value, slots, k_scale, v_scale)
         impl = SepLLMImpl.__new__(SepLLMImpl)
-        impl.head_size, impl.flash, impl.kv_cache_dtype = d, flash, "auto"
-        one = torch.ones((), device="cuda")
-        impl.do_kv_cache_update(SimpleNamespace(_k_scale=one, _v_scale=one), key, value, kv,
-                                slots)
-        assert torch.equal(kv, expected)
+        impl.head_size, impl.flash, impl.kv_cache_dtype = d, flash, cache
+        impl.do_kv_cache_update(SimpleNamespace(_k_scale=k_scale, _v_scale=v_scale), key, value,
+                                kv, slots)
+        assert torch.equal(kv, expected), cache
 
 
 # ------------------------------------------------------------------------------ prefill
@@ -432,11 +514,18 @@ def make_prefill_batch(rows, rng, gen, num_kv_heads, head_size, block_size, dtyp
     return batch, kv_cache, block_table
 
 
-def check_prefill(rows, gqa, head_size, block_size, dtype, device, seed=0):
+def check_prefill(rows, gqa, head_size, block_size, dtype, device, seed=0, fp8=False):
+    """The Triton masked prefill equals the torch reference; ``fp8``: over an fp8 cache (the
+    references dequantize it)."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     num_heads, num_kv_heads = gqa
     batch, kv_cache, block_table = make_prefill_batch(
         rows, rng, gen, num_kv_heads, head_size, block_size, dtype, device)
+    scales = {}
+    if fp8:
+        kv_cache = to_fp8(kv_cache.float() * 2, *FP8_SCALES)
+        scales = dict(zip(("k_scale", "v_scale"),
+                          (torch.tensor([x], device=device) for x in FP8_SCALES)))
     q = torch.randn(batch.query_start_loc[-1], num_heads, head_size, generator=gen)
     q = q.to(device, dtype)
     lens = torch.tensor(batch.cache_lens, dtype=torch.int32, device=device)
@@ -445,12 +534,13 @@ def check_prefill(rows, gqa, head_size, block_size, dtype, device, seed=0):
 
     meta = prefill_key_meta(batch.slot_pos, batch.slot_sep, block_table, lens, qsl, batch.q_pos,
                             batch.retentions, block_size)
-    out = sepllm_prefill(q, kv_cache, block_table, lens, qsl, batch.q_pos, meta, scale)
+    out = sepllm_prefill(q, kv_cache, block_table, lens, qsl, batch.q_pos, meta, scale,
+                         **scales)
 
     def reference(upcast):
         return paged_sepllm_attention(
             q, kv_cache, block_table, batch.cache_lens, batch.query_start_loc, batch.q_pos,
-            batch.slot_pos, batch.slot_sep, batch.retentions, scale, upcast=upcast)
+            batch.slot_pos, batch.slot_sep, batch.retentions, scale, upcast=upcast, **scales)
 
     ref32 = reference(upcast=True).float()
     if dtype == torch.float32:
@@ -469,6 +559,20 @@ def test_prefill(head_size, block_size, dtype, gqa, chunk):
     # A chunk after a long history, a first chunk, a decode row and a short chunk.
     rows = [(700, chunk), (0, chunk), (300, 1), (45, max(chunk // 3, 1))]
     check_prefill(rows, gqa, head_size, block_size, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gqa", [(32, 8), (28, 4)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_prefill_fp8(head_size, dtype, gqa):
+    rows = [(700, 1177), (0, 19), (300, 1), (45, 392)]
+    check_prefill(rows, gqa, head_size, 16, dtype, "cuda", fp8=True)
+
+
+@interpreter_only
+def test_interp_prefill_fp8():
+    check_prefill([(90, 19), (0, 21), (60, 1)], (9, 3), 64, 16, torch.float32, "cpu", fp8=True)
 
 
 @interpreter_only
@@ -581,6 +685,7 @@ def test_prefill_chunk_lower_bound_is_tight(seed):
 ROW_SHAPES = [  # (Hkv, 2D, dtype): slot row bytes 4096 (16-byte vectors) down to 5 (bytes)
     (8, 256, torch.bfloat16), (3, 10, torch.float16), (1, 3, torch.float16),
     (2, 64, torch.float32), (1, 5, torch.uint8),
+    (8, 256, torch.uint8),  # an fp8 cache (vLLM allocates e4m3 as uint8): 8 KV heads of 128
 ]
 
 

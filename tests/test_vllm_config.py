@@ -87,3 +87,21 @@ def test_sliding_window_model_is_refused(model_path, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(SepLLMConfigError, match="sliding-window"):
         engine_config(str(tmp_path), attention_backend="SEPLLM")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kv_cache_dtype="fp8_e5m2"),
+     "SEPLLM does not support kv_cache_dtype='fp8_e5m2'; use one of auto, float16, bfloat16, "
+     "fp8, fp8_e4m3"),
+    (dict(kv_cache_dtype="fp8", additional_config={"sepllm": {"pe_shift": True}}),
+     "sepllm.pe_shift=true needs a 16-bit KV cache, not kv_cache_dtype='fp8'"),
+])
+def test_unsupported_kv_cache_fails_with_one_line(model_path, kwargs, message):
+    with pytest.raises(SepLLMConfigError) as e:
+        engine_config(model_path, attention_backend="SEPLLM", **kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fp8_kv_cache_accepted(model_path):
+    cfg = engine_config(model_path, attention_backend="SEPLLM", kv_cache_dtype="fp8")
+    assert cfg.cache_config.cache_dtype == "fp8"

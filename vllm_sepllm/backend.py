@@ -44,7 +44,8 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from vllm_sepllm.reference import decode_attention, masked_attention, write_kv
+from vllm_sepllm.config import KV_CACHE_DTYPES
+from vllm_sepllm.reference import FP8, FP8_MAX, decode_attention, masked_attention, split_kv, write_kv
 
 BACKEND_NAME = "SEPLLM"
 
@@ -318,7 +319,9 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
                     batch_size=cm.num_reqs, max_seqlen_q=1, max_seqlen_k=cm.max_seq_len,
                     num_heads_q=self.num_heads_q, num_heads_kv=self.num_heads_kv,
                     headdim=self.head_size, cache_seqlens=cm.seq_lens,
-                    qkv_dtype=self.kv_cache_spec.dtype, cu_seqlens_q=cm.query_start_loc,
+                    qkv_dtype=(FP8 if self.kv_cache_spec.dtype == torch.uint8
+                               else self.kv_cache_spec.dtype),
+                    cu_seqlens_q=cm.query_start_loc,
                     page_size=self.block_size, causal=True, window_size=(-1, -1),
                     num_splits=num_splits)
                 n = sched.shape[0]
@@ -376,7 +379,7 @@ class SepLLMBackend(AttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = [
         torch.float16, torch.bfloat16, torch.float32,
     ]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(KV_CACHE_DTYPES)
 
     @staticmethod
     def get_name() -> str:
@@ -446,6 +449,7 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
+        self.fp8 = kv_cache_dtype in ("fp8", "fp8_e4m3")
         self.flash = _flash_attn()
         from vllm.config import get_current_vllm_config
 
@@ -465,7 +469,7 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
             self.flash.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping,
                                          self.kv_cache_dtype, layer._k_scale, layer._v_scale)
             return
-        write_kv(kv_cache, key, value, slot_mapping)
+        write_kv(kv_cache, key, value, slot_mapping, layer._k_scale, layer._v_scale)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor,
@@ -480,57 +484,72 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
             return output.fill_(0)
         md = attn_metadata
         if md.decode_rows is None:
-            return self._plain(query, kv_cache, md, output)
+            return self._plain(layer, query, kv_cache, md, output)
         flat = kv_cache.view(-1, kv_cache.shape[2], kv_cache.shape[3])
-        d = self.head_size
+        scales = (layer._k_scale, layer._v_scale)
         for row in md.prefills:
-            kv = flat[row.slots]
+            k, v = split_kv(flat[row.slots], self.head_size, query.dtype, *scales)
             output[row.q_start:row.q_end] = masked_attention(
-                query[row.q_start:row.q_end], kv[..., :d], kv[..., d:], row.mask, self.scale)
+                query[row.q_start:row.q_end], k, v, row.mask, self.scale)
         if md.triton_prefill is not None:
             from kernels.prefill import sepllm_prefill
 
             tp = md.triton_prefill
             out = sepllm_prefill(query.index_select(0, tp.tokens), kv_cache, tp.block_table,
                                  tp.cache_lens, tp.query_start_loc, tp.positions, tp.meta,
-                                 self.scale, max_query_len=tp.max_query_len)
+                                 self.scale, max_query_len=tp.max_query_len,
+                                 k_scale=layer._k_scale, v_scale=layer._v_scale)
             output.index_copy_(0, tp.tokens, out.to(output.dtype))
         if md.decode_rows.numel():
             q = query.index_select(0, md.decode_rows)
             if md.decode_slots is not None:  # torch
-                out = decode_attention(q, flat, md.decode_slots, md.decode_valid, self.scale)
+                out = decode_attention(q, flat, md.decode_slots, md.decode_valid, self.scale,
+                                       *scales)
             else:
                 out = torch.empty_like(q)
                 cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
-                self._paged_decode(q, kv_cache, out, md, cu_q)
+                self._paged_decode(layer, q, kv_cache, out, md, cu_q)
             output.index_copy_(0, md.decode_rows, out.to(output.dtype))
         return output
 
-    def _plain(self, query: torch.Tensor, kv_cache: torch.Tensor,
+    def _plain(self, layer: AttentionLayer, query: torch.Tensor, kv_cache: torch.Tensor,
                md: SepLLMMetadata, output: torch.Tensor) -> torch.Tensor:
         """Every row's queries over its whole compacted cache (causal), written straight into
         ``output``: no host work, no allocation outside the kernels (CUDA-graph safe)."""
         n = md.num_actual_tokens
-        self._paged_decode(query[:n], kv_cache, output[:n], md, md.query_start_loc)
+        self._paged_decode(layer, query[:n], kv_cache, output[:n], md, md.query_start_loc)
         return output
 
-    def _paged_decode(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
-                      md: SepLLMMetadata, cu_q: torch.Tensor) -> None:
+    def _paged_decode(self, layer: AttentionLayer, q: torch.Tensor, kv_cache: torch.Tensor,
+                      out: torch.Tensor, md: SepLLMMetadata, cu_q: torch.Tensor) -> None:
         """q/out [T, Hq, D], the queries ``cu_q[i]:cu_q[i+1]`` of row i of
         ``md.decode_block_table`` / ``decode_cache_lens`` (one per row but with
         ``cache_size``), attending the row's whole cache causally (the compacted cache is
-        exactly the visible set: no mask): vLLM's FlashAttention or our Triton kernel."""
+        exactly the visible set: no mask): vLLM's FlashAttention or our Triton kernel.
+
+        An fp8 cache: FA3 reads e4m3 K/V with per-(row, KV head) descales and wants the
+        queries in e4m3 too (quantized here with the layer's ``q_scale``, as vLLM's attention
+        layer does for FLASH_ATTN); the Triton kernel keeps the queries as they are."""
         if self.decode_kernel == "flash":
             key_cache, value_cache = kv_cache.split(self.head_size, dim=-1)
+            descales = {}
+            if self.fp8:
+                key_cache, value_cache = key_cache.view(FP8), value_cache.view(FP8)
+                q = (q.float() / layer._q_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+                shape = (cu_q.shape[0] - 1, self.num_kv_heads)
+                descales = dict(q_descale=layer._q_scale.expand(shape),
+                                k_descale=layer._k_scale.expand(shape),
+                                v_descale=layer._v_scale.expand(shape))
             self.flash.varlen(
                 q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu_q,
                 max_seqlen_q=md.max_query_len,
                 seqused_k=md.decode_cache_lens, max_seqlen_k=md.decode_max_len,
                 softmax_scale=self.scale, causal=True, block_table=md.decode_block_table,
                 scheduler_metadata=md.scheduler_metadata, num_splits=md.num_splits or 0,
-                fa_version=self.flash.version)
+                fa_version=self.flash.version, **descales)
         else:
             from kernels.decode import sepllm_decode
 
             sepllm_decode(q, kv_cache, md.decode_block_table, md.decode_cache_lens, self.scale,
-                          out=out, num_splits=md.num_splits, max_cache_len=md.decode_max_len)
+                          out=out, num_splits=md.num_splits, max_cache_len=md.decode_max_len,
+                          k_scale=layer._k_scale, v_scale=layer._v_scale)

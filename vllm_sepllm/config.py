@@ -42,6 +42,9 @@ import os
 from typing import Any
 
 MODES = ("sepllm", "streamingllm", "full")
+#: ``--kv-cache-dtype`` values SEPLLM runs: fp8 is e4m3 with vLLM's per-tensor scales; e5m2
+#: and per-token-head fp8 are refused at start-up.
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3")
 DEFAULT_SEPARATORS = ".,?!;: \t\n"
 ENV_PREFIX = "VLLM_SEPLLM_"
 

@@ -103,6 +103,7 @@ import functools
 from vllm.logger import init_logger
 
 from vllm_sepllm.config import (
+    KV_CACHE_DTYPES,
     SepLLMConfig,
     SepLLMConfigError,
     from_additional_config,
@@ -287,6 +288,13 @@ def _check_model(vllm_config, cfg: SepLLMConfig) -> None:
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         _fail("SEPLLM does not support pipeline parallelism "
               f"(pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size})")
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype not in KV_CACHE_DTYPES:
+        _fail(f"SEPLLM does not support kv_cache_dtype={cache_dtype!r}; use one of "
+              f"{', '.join(KV_CACHE_DTYPES)}")
+    if cfg.pe_shift and cache_dtype.startswith("fp8"):
+        _fail(f"sepllm.pe_shift=true needs a 16-bit KV cache, not kv_cache_dtype={cache_dtype!r}"
+              ": re-rotating keys would requantize them at every eviction")
     if cfg.evicts and cfg.window > mc.max_model_len:
         _fail(f"sepllm.window={cfg.window} is above max_model_len={mc.max_model_len}")
     max_pos = _max_positions(vllm_config)

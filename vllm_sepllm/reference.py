@@ -12,6 +12,11 @@ computed from them, so the cache may hold keys in any order.
 Mask semantics are those of :mod:`vllm_sepllm.policy` (query ``t`` sees key ``p`` iff
 ``p <= t`` and ``p`` is a sink, in the window ``p > t - w``, or one of the ``s`` newest
 separators at ``a <= p <= t - w``).
+
+An fp8 cache (``--kv-cache-dtype fp8``: e4m3, stored as uint8 as vLLM allocates it) holds
+``fp8(x / scale)`` with the layer's per-tensor ``k_scale`` / ``v_scale``, saturated at +-448 as
+vLLM's ``reshape_and_cache_flash`` writes it; readers dequantize ``fp8 * scale``. Compaction
+moves the bytes unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +25,33 @@ import torch
 import torch.nn.functional as F
 
 from vllm_sepllm.policy import Retention
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value
+
+
+def is_fp8(kv_cache: torch.Tensor) -> bool:
+    """Whether ``kv_cache`` holds fp8 KV (vLLM allocates fp8 caches as uint8)."""
+    return kv_cache.dtype in (torch.uint8, FP8)
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """``x / scale`` as e4m3 bytes (uint8), round to nearest even, saturated at +-448."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(torch.uint8)
+
+
+def split_kv(kv: torch.Tensor, head_size: int, dtype: torch.dtype,
+             k_scale: torch.Tensor | float | None = None,
+             v_scale: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of cache rows ``kv`` [..., 2D] in ``dtype``; fp8 rows are dequantized
+    (``fp8 * scale``, computed in float32)."""
+    k, v = kv[..., :head_size], kv[..., head_size:]
+    if not is_fp8(kv):
+        return k, v
+    k_scale = 1.0 if k_scale is None else k_scale
+    v_scale = 1.0 if v_scale is None else v_scale
+    return ((k.view(FP8).float() * k_scale).to(dtype),
+            (v.view(FP8).float() * v_scale).to(dtype))
 
 
 def sepllm_mask(
@@ -99,6 +131,8 @@ def paged_sepllm_attention(
     scale: float,
     out: torch.Tensor | None = None,
     upcast: bool = False,
+    k_scale: torch.Tensor | float | None = None,
+    v_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """SepLLM attention of a batch over a paged, compacted KV cache.
 
@@ -113,6 +147,7 @@ def paged_sepllm_attention(
         slot_sep: [num_slots] bool, whether the token in each slot is a separator.
         retentions: B retentions.
         out: optional [T, Hq, D] output buffer.
+        k_scale, v_scale: dequantization scales of an fp8 cache.
 
     Returns:
         [T, Hq, D]. A request with one query (decode) sees its whole cache: the cache holds
@@ -127,32 +162,31 @@ def paged_sepllm_attention(
         if q1 == q0:
             continue
         slots = cache_slots(block_table[b], length, block_size)
-        kv = flat[slots]
+        k, v = split_kv(flat[slots], head_size, query.dtype, k_scale, v_scale)
         if q1 - q0 == 1:
             mask = torch.ones(1, length, dtype=torch.bool, device=query.device)
         else:
             mask = sepllm_mask(q_pos[q0:q1], slot_pos[slots], slot_sep[slots], retentions[b])
-        out[q0:q1] = masked_attention(
-            query[q0:q1], kv[..., :head_size], kv[..., head_size:], mask, scale, upcast
-        )
+        out[q0:q1] = masked_attention(query[q0:q1], k, v, mask, scale, upcast)
     return out
 
 
 def decode_attention(query: torch.Tensor, flat_kv: torch.Tensor, slots: torch.Tensor,
-                     valid: torch.Tensor, scale: float) -> torch.Tensor:
+                     valid: torch.Tensor, scale: float,
+                     k_scale: torch.Tensor | float | None = None,
+                     v_scale: torch.Tensor | float | None = None) -> torch.Tensor:
     """Batched decode over gathered caches: each row attends all its valid slots.
 
     Args:
         query: [B, Hq, D]; flat_kv: [num_slots, Hkv, 2D]; slots: [B, L] int64 (padding
-        anywhere valid is False); valid: [B, L] bool.
+        anywhere valid is False); valid: [B, L] bool; k_scale, v_scale: of an fp8 cache.
 
     Returns:
         [B, Hq, D].
     """
     d = query.shape[-1]
-    kv = flat_kv[slots]  # [B, L, Hkv, 2D]
-    k = kv[..., :d].transpose(1, 2)
-    v = kv[..., d:].transpose(1, 2)
+    k, v = split_kv(flat_kv[slots], d, query.dtype, k_scale, v_scale)  # [B, L, Hkv, D]
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
     out = F.scaled_dot_product_attention(
         query[:, :, None, :], k, v, attn_mask=valid[:, None, None, :], scale=scale,
         enable_gqa=query.shape[1] != k.shape[1],
@@ -161,8 +195,10 @@ def decode_attention(query: torch.Tensor, flat_kv: torch.Tensor, slots: torch.Te
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store new keys/values [T, Hkv, D] at ``slot_mapping`` [T] (negative = padding, skipped)."""
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | float | None = None,
+             v_scale: torch.Tensor | float | None = None) -> None:
+    """Store new keys/values [T, Hkv, D] at ``slot_mapping`` [T] (negative = padding, skipped);
+    into an fp8 cache as ``fp8(x / scale)`` (:func:`quantize_fp8`)."""
     flat = kv_cache.view(-1, kv_cache.shape[2], kv_cache.shape[3])
     head_size = kv_cache.shape[3] // 2
     n = slot_mapping.shape[0]
@@ -171,6 +207,9 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         slot_mapping, key, value = slot_mapping[valid], key[:n][valid], value[:n][valid]
     else:
         key, value = key[:n], value[:n]
+    if is_fp8(kv_cache):
+        key = quantize_fp8(key, 1.0 if k_scale is None else k_scale).view(flat.dtype)
+        value = quantize_fp8(value, 1.0 if v_scale is None else v_scale).view(flat.dtype)
     flat[slot_mapping, :, :head_size] = key.to(flat.dtype)
     flat[slot_mapping, :, head_size:] = value.to(flat.dtype)
 
