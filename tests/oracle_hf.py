@@ -96,12 +96,34 @@ def sepllm_mask(token_ids: list[int], sep_ids: Iterable[int], a: int, s: int | N
     return torch.from_numpy(_visible_rows(token_ids, sep_ids, a, s, w, first_query=0))
 
 
-@functools.lru_cache(maxsize=2)
-def load_model(model_path: str, device: str = "cpu") -> PreTrainedModel:
-    """The model at ``model_path`` in float32 with eager attention, loaded once per path and
-    device, in eval mode."""
+FP8_KV_ATTENTION = "sepllm_fp8_kv_eager"
+
+
+def _fp8_kv_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention over keys and values rounded to e4m3 (scale 1, saturated at +-448) as an
+    fp8 KV cache stores them: keys after RoPE, values as projected; queries untouched."""
+    import sys
+
+    def fp8(x: torch.Tensor) -> torch.Tensor:
+        return x.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype)
+
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query, fp8(key), fp8(value), attention_mask, scaling, dropout, **kwargs)
+
+
+@functools.lru_cache(maxsize=4)
+def load_model(model_path: str, device: str = "cpu", kv_fp8: bool = False) -> PreTrainedModel:
+    """The model at ``model_path`` in float32 with eager attention (``kv_fp8``: over keys and
+    values rounded to e4m3, :func:`_fp8_kv_eager`), loaded once per path, device and kind, in
+    eval mode."""
+    attn = "eager"
+    if kv_fp8:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(FP8_KV_ATTENTION, _fp8_kv_eager)
+        attn = FP8_KV_ATTENTION
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
+        model_path, dtype=torch.float32, attn_implementation=attn, local_files_only=True
     )
     return model.to(device).eval()
 
@@ -204,6 +226,7 @@ def forced_logprobs(
     mode: str = "sepllm",
     cache_size: int | None = None,
     device: str = "cpu",
+    kv_fp8: bool = False,
 ) -> list[float]:
     """Log-probability of each continuation token when the sequence is forced through it.
 
@@ -212,7 +235,8 @@ def forced_logprobs(
     :func:`greedy_generate`). With ``cache_size`` the batched rule applies to steps of a
     request running without chunked prefill: the whole prompt, then one token a step. One
     forward over the whole sequence gives them all (a query's row depends only on the tokens
-    up to it).
+    up to it). ``kv_fp8``: every key and value rounded to e4m3 first, as an fp8 KV cache with
+    unit scales holds them.
     """
     tokens = list(prompt_ids) + list(continuation[:-1])
     sep_ids, w = _mode_rule(mode, sep_ids, w, len(tokens))
@@ -221,7 +245,7 @@ def forced_logprobs(
     else:
         steps = [0, *range(len(prompt_ids), len(tokens))]
         visible = _batched_rows(tokens, sep_ids, a, s, w, cache_size, steps, first_query=0)
-    model = load_model(model_path, device)
+    model = load_model(model_path, device, kv_fp8)
     first = len(prompt_ids) - 1  # the query that predicts continuation[0]
     logits = model(
         input_ids=torch.tensor([tokens], device=device),

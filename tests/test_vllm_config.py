@@ -105,3 +105,35 @@ def test_unsupported_kv_cache_fails_with_one_line(model_path, kwargs, message):
 def test_fp8_kv_cache_accepted(model_path):
     cfg = engine_config(model_path, attention_backend="SEPLLM", kv_cache_dtype="fp8")
     assert cfg.cache_config.cache_dtype == "fp8"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(pipeline_parallel_size=2),
+     "SEPLLM does not support pipeline parallelism (pipeline_parallel_size=2)"),
+    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                              "prompt_lookup_max": 3}),
+     "SEPLLM does not support speculative decoding (speculative_config is set)"),
+    (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
+     "SEPLLM does not support KV connectors (kv_transfer_config is set): external KV loads "
+     "assume an uncompacted cache"),
+], ids=["pipeline", "speculative", "kv-connector"])
+def test_unsupported_engine_features_fail_with_one_line(model_path, kwargs, message):
+    with pytest.raises(SepLLMConfigError) as e:
+        engine_config(model_path, attention_backend="SEPLLM", **kwargs)
+    assert str(e.value) == message
+
+
+def test_mla_model_is_refused(model_path, tmp_path):
+    """A DeepSeek-V2-style config (MLA: compressed KV; weights are not needed to refuse it)."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{model_path}/{name}", tmp_path / name)
+    with open(f"{model_path}/config.json") as f:
+        config = json.load(f)
+    config.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
+                  kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                  v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=64, first_k_dense_replace=1, n_shared_experts=1)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SepLLMConfigError) as e:
+        engine_config(str(tmp_path), attention_backend="SEPLLM")
+    assert str(e.value) == "SEPLLM does not support MLA attention (model DeepseekV2ForCausalLM)"

@@ -94,6 +94,16 @@ positions buffer after the attention metadata was built from the logical ones),
 a full CUDA graph), ``get_kv_cache_spec``, ``initialize_kv_cache``; ``BlockTable.add_row`` is
 called for a request whose cache was copied out. These are private V1
 runner methods: pinned to vLLM 0.26.0.
+
+Attention internals read by the backend: the layer's ``_k_scale`` / ``_v_scale`` / ``_q_scale``
+(per-tensor fp8 scales, device tensors: read inside CUDA graphs without a sync) and
+``vllm.v1.attention.backends.fa_utils`` (``flash_attn_varlen_func`` with ``q_descale`` /
+``k_descale`` / ``v_descale`` for an fp8 cache, ``get_scheduler_metadata``,
+``reshape_and_cache_flash``), as vLLM's FLASH_ATTN backend calls them. The backend leaves
+``supports_quant_query_input`` False, so the layer hands it unquantized queries and it
+quantizes them for FA3 itself (the Triton kernels keep them in 16 bits). Removal: none while
+the FLASH_ATTN backend keeps these names; if the ``fa_utils`` imports fail, ``_flash_attn()``
+returns None and decode falls back to the Triton kernel.
 """
 
 from __future__ import annotations
