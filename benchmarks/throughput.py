@@ -341,7 +341,8 @@ def run_one(args: argparse.Namespace) -> dict:
         "replay": replay, "prompts": args.prompts,
         "kv_cache_dtype": args.kv_cache_dtype,
         "kv_bytes_per_token": kv_bytes_per_token(model_cfg, kv_bytes),
-        "num_kv_heads": model_cfg["num_key_value_heads"],
+        "num_kv_heads": model_cfg.get("num_key_value_heads",
+                                      model_cfg["num_attention_heads"]),
         "num_layers": model_cfg["num_hidden_layers"],
         "head_dim": (model_cfg.get("head_dim")
                      or model_cfg["hidden_size"] // model_cfg["num_attention_heads"]),

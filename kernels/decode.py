@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-FP8 = torch.float8_e4m3fn
+from vllm_sepllm.reference import FP8, is_fp8
+
 #: Softmax runs in base 2 (``exp2`` is one instruction); scores are scaled by log2(e).
 LOG2E = 1.4426950408889634
 #: Launch settings: warps, and pipeline stages (the loads of the next tiles are in flight while
@@ -169,7 +170,7 @@ def fp8_operands(kv_cache: torch.Tensor, q: torch.Tensor, k_scale: torch.Tensor 
     """The cache as the kernels read it and its scales: an fp8 cache (uint8 storage) viewed as
     e4m3 with its scales (default 1); any other cache must have q's dtype (its scale
     arguments are placeholders the kernels never read)."""
-    if kv_cache.dtype in (torch.uint8, FP8):
+    if is_fp8(kv_cache.dtype):
         ones = None if k_scale is not None and v_scale is not None else \
             torch.ones(1, dtype=torch.float32, device=q.device)
         return (kv_cache.view(FP8), ones if k_scale is None else k_scale,
@@ -276,7 +277,7 @@ def sepllm_decode(
         BLOCK_SIZE=block_size,
         TILE_N=_tile_n(head_size),
         DOT_PRECISION=dot_precision(q.dtype),
-        KV_FP8=kv_cache.dtype == FP8,
+        KV_FP8=is_fp8(kv_cache.dtype),
         num_warps=_NUM_WARPS,
         num_stages=_NUM_STAGES,
         **common,

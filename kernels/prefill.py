@@ -31,8 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode import FP8, LOG2E, dot_precision, fp8_operands
+from kernels.decode import LOG2E, dot_precision, fp8_operands
 from vllm_sepllm.policy import Retention
+from vllm_sepllm.reference import is_fp8
 
 
 def _launch_config(head_size: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -368,7 +369,7 @@ def sepllm_prefill(
         BLOCK_SIZE=block_size,
         TILE_N=tile_n,
         DOT_PRECISION=dot_precision(q.dtype),
-        KV_FP8=kv_cache.dtype == FP8,
+        KV_FP8=is_fp8(kv_cache.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
     )

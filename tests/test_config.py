@@ -128,3 +128,38 @@ def test_decode_kernel_choice_names_variable_and_value(monkeypatch):
     monkeypatch.setattr(backend, "_flash_attn", lambda: object())
     monkeypatch.setenv("VLLM_SEPLLM_DECODE_KERNEL", "flash")
     assert backend.always_plain(356, cuda) and not backend.always_plain(None, cuda)
+
+
+def test_fp8_cache_decodes_with_flash_only_where_fa3_reads_it(monkeypatch):
+    """An fp8 KV cache goes to FlashAttention under vLLM's own rule for FLASH_ATTN (FA3, compute
+    capability 9.x) and only with a bfloat16 model (FA3 writes e4m3 inputs' outputs in bf16);
+    otherwise to the Triton kernel. 16-bit caches are unaffected."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vllm_sepllm import backend
+
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+
+    def cfg(cache_dtype, model_dtype):
+        return SimpleNamespace(cache_config=SimpleNamespace(cache_dtype=cache_dtype),
+                               model_config=SimpleNamespace(dtype=model_dtype))
+
+    monkeypatch.delenv("VLLM_SEPLLM_DECODE_KERNEL", raising=False)
+    monkeypatch.setattr(backend, "_flash_attn", lambda: SimpleNamespace(version=3))
+    monkeypatch.setattr(backend, "_cuda_capability", lambda device: (9, 0))
+    bf16, fp16 = torch.bfloat16, torch.float16
+    assert backend.decode_kernel_choice(cuda, cfg("fp8", bf16)) == "flash"
+    assert backend.decode_kernel_choice(cuda, cfg("auto", fp16)) == "flash"
+    assert backend.decode_kernel_choice(cuda, cfg("fp8_e4m3", fp16)) == "triton"
+    assert not backend.always_plain(356, cuda, cfg("fp8", fp16))
+    monkeypatch.setattr(backend, "_cuda_capability", lambda device: (8, 9))  # Ada: no FA3
+    assert backend.decode_kernel_choice(cuda, cfg("fp8", bf16)) == "triton"
+    monkeypatch.setattr(backend, "_cuda_capability", lambda device: (9, 0))
+    monkeypatch.setattr(backend, "_flash_attn", lambda: SimpleNamespace(version=2))
+    assert backend.decode_kernel_choice(cuda, cfg("fp8", bf16)) == "triton"
+    assert backend.decode_kernel_choice(cuda, cfg("bfloat16", bf16)) == "flash"
+    monkeypatch.setenv("VLLM_SEPLLM_DECODE_KERNEL", "flash")
+    with pytest.raises(ValueError, match="not available on this GPU for an fp8 KV cache"):
+        backend.decode_kernel_choice(cuda, cfg("fp8", bf16))

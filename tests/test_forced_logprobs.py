@@ -169,6 +169,7 @@ def _check(model, reqs, got, sep_ids, rule: dict, others: dict[str, dict],
           f"{every.mean():.2e}, max {every.max():.2e}; other rules' oracles at mean |d| "
           f">= {min(seps):.3f}")
     assert not failures, f"(request, oracle, mean |d|, ...): {failures}"
+    return float(every.mean())
 
 
 def test_exact_eviction_matches_oracle(model, requests_):
@@ -216,10 +217,11 @@ def test_qwen3_exact_eviction_matches_oracle(qwen3_model, requests_):
 
 
 @pytest.fixture(scope="module")
-def fp8_tolerance(model, requests_) -> tuple[float, float]:
+def fp8_tolerance(model, requests_) -> tuple[float, float, float]:
     """(mean, max) tolerance for an fp8 KV cache on the GPU, derived from vLLM's own FLASH_ATTN
     with the same fp8 cache and no eviction against the full-attention fp32 oracle: FP8_MARGIN
-    times its worst per-request mean error and its largest error."""
+    times its worst per-request mean error and its largest error; and its mean error over all
+    tokens (the scale of fp8 rounding, far above bf16's)."""
     got, _, _ = _run(model, requests_, None, "FLASH_ATTN", kv_cache_dtype="fp8")
     errs = [np.abs(lp - np.array(forced_logprobs(model, p, c, (), 0, None, 1, mode="full",
                                                  device="cuda")))
@@ -227,8 +229,7 @@ def fp8_tolerance(model, requests_) -> tuple[float, float]:
     worst_mean, worst = max(e.mean() for e in errs), max(e.max() for e in errs)
     print(f"\nFLASH_ATTN fp8 vs the full-attention oracle: mean "
           f"{np.concatenate(errs).mean():.2e}, worst request mean {worst_mean:.2e}, max {worst:.2e}")
-    assert worst_mean > 0, "the fp8 cache changed nothing: is it really fp8?"
-    return FP8_MARGIN * worst_mean, FP8_MARGIN * worst
+    return FP8_MARGIN * worst_mean, FP8_MARGIN * worst, float(np.concatenate(errs).mean())
 
 
 @pytest.mark.parametrize("rule", [{}, {"cache_size": CACHE_SIZE}], ids=["exact", "batched"])
@@ -237,7 +238,8 @@ def test_fp8_kv_matches_oracle(request, model, requests_, rule):
 
     On the H200 (FA3 decode on e4m3 with e4m3 queries, the Triton masked prefill dequantizing)
     it must stay as close to its rule's fp32 oracle as vLLM's own fp8 FLASH_ATTN is to full
-    attention's (:func:`fp8_tolerance`), while far from the other rules. On CPU (float32
+    attention's (:func:`fp8_tolerance`), while far from the other rules (3x: fp8 rounding is
+    ~0.02 nats, the rules ~0.18 apart), and show fp8's rounding error, not bf16's. On CPU (float32
     compute) the oracle rounds keys and values to e4m3 as the cache stores them, so SEPLLM
     must match it to float32 precision, and sit far from both the other rules and the
     unrounded oracle of its own rule (the rounding is real)."""
@@ -245,8 +247,12 @@ def test_fp8_kv_matches_oracle(request, model, requests_, rule):
     assert all(st["kv_evicted"] > 0 for st in stats)
     others = {"full attention": {"mode": "full"}, "StreamingLLM": {"mode": "streamingllm"}}
     if CUDA:
-        _check(model, requests_, got, sep_ids, rule, others,
-               tol=request.getfixturevalue("fp8_tolerance"), separation=3.0)
+        tol_mean, tol_max, fp8_scale = request.getfixturevalue("fp8_tolerance")
+        mean = _check(model, requests_, got, sep_ids, rule, others, tol=(tol_mean, tol_max),
+                      separation=3.0)
+        # The cache really is fp8: bf16 alone stays near 3e-3 nats (test_exact_...), fp8
+        # rounding puts FLASH_ATTN near 2e-2; a SEPLLM that kept 16 bits would sit far below.
+        assert mean >= 0.5 * fp8_scale, (mean, fp8_scale)
         return
     fp8 = {"kv_fp8": True}
     _check(model, requests_, got, sep_ids, dict(rule, **fp8),

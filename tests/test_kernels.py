@@ -85,25 +85,6 @@ def paged_cache(cache_lens, num_kv_heads, head_size, block_size, dtype, device, 
 
 
 # ------------------------------------------------------------------------------ decode
-def check_decode(cache_lens, gqa, head_size, block_size, dtype, num_splits, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    num_heads, num_kv_heads = gqa
-    kv_cache, block_table, slots, valid = paged_cache(
-        cache_lens, num_kv_heads, head_size, block_size, dtype, device, gen)
-    q = torch.randn(len(cache_lens), num_heads, head_size, generator=gen).to(device, dtype)
-    lens = torch.tensor(cache_lens, dtype=torch.int32, device=device)
-    scale = head_size ** -0.5
-
-    out = sepllm_decode(q, kv_cache, block_table, lens, scale, num_splits=num_splits,
-                        max_cache_len=max(cache_lens))
-    flat = kv_cache.view(-1, num_kv_heads, 2 * head_size)
-    ref32 = decode_attention(q.float(), flat.float(), slots, valid, scale)
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, ref32, atol=1e-5, rtol=1e-5)
-    else:
-        assert_close_to_fp32(out, decode_attention(q, flat, slots, valid, scale), ref32)
-
-
 #: fp8 scales: powers of two, so the dequantized K/V are exact in 16-bit and the torch
 #: reference in the query's dtype sees the very values the kernels compute with.
 FP8_SCALES = (0.5, 0.25)
@@ -116,22 +97,29 @@ def to_fp8(kv_cache, k_scale, v_scale):
                       quantize_fp8(kv_cache[..., d:], v_scale)], dim=-1)
 
 
-def check_decode_fp8(cache_lens, gqa, head_size, block_size, dtype, num_splits, device, seed=0):
-    """The Triton decode kernel over an fp8 cache equals the torch reference that dequantizes."""
+def check_decode(cache_lens, gqa, head_size, block_size, dtype, num_splits, device, seed=0,
+                 fp8=False):
+    """The Triton decode kernel equals the torch reference; ``fp8``: over an fp8 cache with
+    scales FP8_SCALES, which the references dequantize."""
     gen = torch.Generator().manual_seed(seed)
     num_heads, num_kv_heads = gqa
-    kv32, block_table, slots, valid = paged_cache(
-        cache_lens, num_kv_heads, head_size, block_size, torch.float32, device, gen)
-    kv8 = to_fp8(kv32 * 2, *FP8_SCALES)  # |x| / scale up to ~40: e4m3's range is +-448
-    assert kv8.dtype == torch.uint8
-    scales = [torch.tensor([x], device=device) for x in FP8_SCALES]
+    kv_cache, block_table, slots, valid = paged_cache(
+        cache_lens, num_kv_heads, head_size, block_size, torch.float32 if fp8 else dtype,
+        device, gen)
+    scales = []
+    if fp8:  # |x| / scale up to ~40: e4m3 reaches 448
+        kv_cache = to_fp8(kv_cache * 2, *FP8_SCALES)
+        scales = [torch.tensor([x], device=device) for x in FP8_SCALES]
     q = torch.randn(len(cache_lens), num_heads, head_size, generator=gen).to(device, dtype)
     lens = torch.tensor(cache_lens, dtype=torch.int32, device=device)
     scale = head_size ** -0.5
-    out = sepllm_decode(q, kv8, block_table, lens, scale, num_splits=num_splits,
-                        max_cache_len=max(cache_lens), k_scale=scales[0], v_scale=scales[1])
-    flat = kv8.view(-1, num_kv_heads, 2 * head_size)
-    ref32 = decode_attention(q.float(), flat, slots, valid, scale, *scales)
+
+    out = sepllm_decode(q, kv_cache, block_table, lens, scale, num_splits=num_splits,
+                        max_cache_len=max(cache_lens),
+                        **dict(zip(("k_scale", "v_scale"), scales)))
+    flat = kv_cache.view(-1, num_kv_heads, 2 * head_size)
+    ref32 = decode_attention(q.float(), flat if fp8 else flat.float(), slots, valid, scale,
+                             *scales)
     if dtype == torch.float32:
         torch.testing.assert_close(out, ref32, atol=1e-5, rtol=1e-5)
     else:
@@ -144,13 +132,13 @@ def check_decode_fp8(cache_lens, gqa, head_size, block_size, dtype, num_splits, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_size", [64, 128])
 def test_decode_fp8(head_size, dtype, gqa, num_splits):
-    check_decode_fp8([1177, 654, 19, 1], gqa, head_size, 16, dtype, num_splits, "cuda")
+    check_decode([1177, 654, 19, 1], gqa, head_size, 16, dtype, num_splits, "cuda", fp8=True)
 
 
 @interpreter_only
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_interp_decode_fp8(num_splits):
-    check_decode_fp8([150, 19, 3, 1], (9, 3), 64, 16, torch.float32, num_splits, "cpu")
+    check_decode([150, 19, 3, 1], (9, 3), 64, 16, torch.float32, num_splits, "cpu", fp8=True)
 
 
 @pytest.mark.gpu
@@ -240,8 +228,8 @@ def _graph_decode_case(kernel, flash_splits=32, fp8=False):
     queries, KV): replay must equal the torch reference of the *new* inputs. FlashAttention
     with vLLM's split bound (32) and unsplit (1, what the builder gives large batches).
 
-    ``fp8``: an e4m3 cache with scales (0.5, 0.25). The Triton kernel keeps bf16 queries and
-    meets the usual bound; FA3 reads e4m3 queries (quantized by the backend) and rounds the
+    ``fp8``: an e4m3 cache with scales (0.5, 0.25) and q_scale 0.5. The Triton kernel keeps bf16
+    queries and meets the usual bound; FA3 reads e4m3 queries (quantized by the backend) and rounds the
     softmax weights to e4m3 before P.V, so it is held to 5% of the output's magnitude against
     the reference with the same quantized queries (a key read wrongly moves it by ~100%)."""
     from types import SimpleNamespace
@@ -262,7 +250,8 @@ def _graph_decode_case(kernel, flash_splits=32, fp8=False):
         [torch.ones(1, device="cuda")] * 2
     if fp8:
         kv = to_fp8(kv, *FP8_SCALES)
-    layer = SimpleNamespace(_q_scale=torch.ones(1, device="cuda"), _k_scale=scales[0],
+    q_scale = 0.5 if fp8 else 1.0  # FA3 reads e4m3 queries: fp8(q / q_scale), descaled
+    layer = SimpleNamespace(_q_scale=torch.tensor([q_scale], device="cuda"), _k_scale=scales[0],
                             _v_scale=scales[1])
     table = torch.zeros(padded, -(-max_len // block_size), dtype=torch.int32, device="cuda")
     lens = torch.zeros(padded, dtype=torch.int32, device="cuda")
@@ -329,7 +318,7 @@ def _graph_decode_case(kernel, flash_splits=32, fp8=False):
         flat = kv.view(-1, num_kv_heads, 2 * head_size)
         scale = head_size ** -0.5
         if fp8 and kernel == "flash":
-            q8 = q[:batch].float().to(FP8).float()  # q_scale 1
+            q8 = quantize_fp8(q[:batch], q_scale).view(FP8).float() * q_scale
             ref32 = decode_attention(q8, flat, slots, valid, scale, *scales)
             err = (out[:batch].float() - ref32).abs().max().item()
             assert err <= 0.05 * ref32.abs().max().item(), err

@@ -76,17 +76,24 @@ def test_bad_settings_fail_with_one_line(model_path, sepllm, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_sliding_window_model_is_refused(model_path, tmp_path):
-    """A Mistral-style config with a sliding window (weights are not needed to refuse it)."""
+def config_folder(model_path, folder, **changes) -> str:
+    """SmolLM2's config with ``changes`` and its tokenizer in ``folder`` (no weights: start-up
+    checks do not load them)."""
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(f"{model_path}/{name}", tmp_path / name)
+        shutil.copy(f"{model_path}/{name}", folder / name)
     with open(f"{model_path}/config.json") as f:
         config = json.load(f)
-    config.update(architectures=["MistralForCausalLM"], model_type="mistral",
-                  sliding_window=512)
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_sliding_window_model_is_refused(model_path, tmp_path):
+    """A Mistral-style config with a sliding window."""
+    model = config_folder(model_path, tmp_path, architectures=["MistralForCausalLM"],
+                          model_type="mistral", sliding_window=512)
     with pytest.raises(SepLLMConfigError, match="sliding-window"):
-        engine_config(str(tmp_path), attention_backend="SEPLLM")
+        engine_config(model, attention_backend="SEPLLM")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -124,16 +131,12 @@ def test_unsupported_engine_features_fail_with_one_line(model_path, kwargs, mess
 
 
 def test_mla_model_is_refused(model_path, tmp_path):
-    """A DeepSeek-V2-style config (MLA: compressed KV; weights are not needed to refuse it)."""
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(f"{model_path}/{name}", tmp_path / name)
-    with open(f"{model_path}/config.json") as f:
-        config = json.load(f)
-    config.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
-                  kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16,
-                  v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2,
-                  moe_intermediate_size=64, first_k_dense_replace=1, n_shared_experts=1)
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    """A DeepSeek-V2-style config (MLA: compressed KV)."""
+    model = config_folder(model_path, tmp_path, architectures=["DeepseekV2ForCausalLM"],
+                          model_type="deepseek_v2", kv_lora_rank=64, q_lora_rank=None,
+                          qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                          n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                          first_k_dense_replace=1, n_shared_experts=1)
     with pytest.raises(SepLLMConfigError) as e:
-        engine_config(str(tmp_path), attention_backend="SEPLLM")
+        engine_config(model, attention_backend="SEPLLM")
     assert str(e.value) == "SEPLLM does not support MLA attention (model DeepseekV2ForCausalLM)"

@@ -44,8 +44,16 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from vllm_sepllm.config import KV_CACHE_DTYPES
-from vllm_sepllm.reference import FP8, FP8_MAX, decode_attention, masked_attention, split_kv, write_kv
+from vllm_sepllm.config import KV_CACHE_DTYPES, is_fp8_cache_dtype
+from vllm_sepllm.reference import (
+    FP8,
+    decode_attention,
+    is_fp8,
+    masked_attention,
+    quantize_fp8,
+    split_kv,
+    write_kv,
+)
 
 BACKEND_NAME = "SEPLLM"
 
@@ -114,29 +122,43 @@ class SepLLMMetadata:
     max_query_len: int = 1
 
 
-def decode_kernel_choice(device: torch.device) -> str:
+def decode_kernel_choice(device: torch.device, vllm_config: VllmConfig | None = None) -> str:
     """Decode attention: ``VLLM_SEPLLM_DECODE_KERNEL`` = flash | triton | torch. Default: vLLM's
-    FlashAttention on CUDA when available (exact here: the cache holds exactly the visible
-    keys), else the Triton kernel on CUDA, else torch. ``flash`` is available exactly when
-    this returns it."""
+    FlashAttention on CUDA when it can read the cache (exact here: the cache holds exactly the
+    visible keys), else the Triton kernel on CUDA, else torch. ``flash`` is available exactly
+    when this returns it. An fp8 cache (``vllm_config``'s ``cache_dtype``) is read by
+    FlashAttention under vLLM's own rule for FLASH_ATTN (FA3 on compute capability 9.x) and
+    with a bfloat16 model (FA3 writes e4m3 inputs' outputs in bf16); elsewhere by Triton."""
     choice = os.environ.get("VLLM_SEPLLM_DECODE_KERNEL")
     if device.type != "cuda":
         return "torch"
+    flash = _flash_attn()
+    fp8 = vllm_config is not None and is_fp8_cache_dtype(vllm_config.cache_config.cache_dtype)
+    flash_ok = flash is not None and (not fp8 or (
+        flash.version == 3 and _cuda_capability(device)[0] == 9
+        and vllm_config.model_config.dtype == torch.bfloat16))
     if choice is None:
-        return "flash" if _flash_attn() is not None else "triton"
+        return "flash" if flash_ok else "triton"
     if choice not in ("flash", "triton", "torch"):
         raise ValueError(f"VLLM_SEPLLM_DECODE_KERNEL must be flash, triton or torch; got {choice!r}")
-    if choice == "flash" and _flash_attn() is None:
+    if choice == "flash" and not flash_ok:
         raise ValueError("VLLM_SEPLLM_DECODE_KERNEL='flash', but vLLM's FlashAttention is not "
-                         "available on this GPU; use 'triton' or 'torch'")
+                         "available on this GPU" + (" for an fp8 KV cache (FA3 on compute "
+                                                    "capability 9.x, bfloat16 model)" if fp8
+                                                    else "") + "; use 'triton' or 'torch'")
     return choice
 
 
-def always_plain(cache_size: int | None, device: torch.device) -> bool:
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def always_plain(cache_size: int | None, device: torch.device,
+                 vllm_config: VllmConfig | None = None) -> bool:
     """Whether every step takes the builder's plain path (no mask anywhere): batched eviction
     (``cache_size``) with vLLM's FlashAttention for decode. The worker then keeps no per-slot
     records (only masks and PE shift read them)."""
-    return cache_size is not None and decode_kernel_choice(device) == "flash"
+    return cache_size is not None and decode_kernel_choice(device, vllm_config) == "flash"
 
 
 def flash_unsplit_reqs(device: torch.device, num_kv_heads: int) -> int:
@@ -191,7 +213,7 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
     def get_cudagraph_support(cls, vllm_config: VllmConfig,
                               kv_cache_spec: AttentionSpec) -> AttentionCGSupport:
         device = torch.device(vllm_config.device_config.device)
-        if decode_kernel_choice(device) == "torch":
+        if decode_kernel_choice(device, vllm_config) == "torch":
             return AttentionCGSupport.NEVER
         return cls._cudagraph_support
 
@@ -199,7 +221,7 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
-        self.decode_kernel = decode_kernel_choice(device)
+        self.decode_kernel = decode_kernel_choice(device, vllm_config)
         # Triton masked prefill on CUDA; the torch reference (SDPA + dense mask) elsewhere.
         self.triton_prefill = device.type == "cuda"
         model = vllm_config.model_config
@@ -216,7 +238,8 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         self.max_graph_tokens = cc.max_cudagraph_capture_size or 0
         self.flash = _flash_attn() if self.decode_kernel == "flash" else None
         # Batched eviction: no row needs a mask (policy.py), prefill rows included.
-        self.always_plain = always_plain(engine_sepllm_config(vllm_config).cache_size, device)
+        self.always_plain = always_plain(engine_sepllm_config(vllm_config).cache_size, device,
+                                         vllm_config)
         self.scheduler_metadata = None
         self.flash_graph_splits = 0
         if self.full_graphs and self.flash is not None:
@@ -319,7 +342,7 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
                     batch_size=cm.num_reqs, max_seqlen_q=1, max_seqlen_k=cm.max_seq_len,
                     num_heads_q=self.num_heads_q, num_heads_kv=self.num_heads_kv,
                     headdim=self.head_size, cache_seqlens=cm.seq_lens,
-                    qkv_dtype=(FP8 if self.kv_cache_spec.dtype == torch.uint8
+                    qkv_dtype=(FP8 if is_fp8(self.kv_cache_spec.dtype)
                                else self.kv_cache_spec.dtype),
                     cu_seqlens_q=cm.query_start_loc,
                     page_size=self.block_size, causal=True, window_size=(-1, -1),
@@ -449,12 +472,13 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
-        self.fp8 = kv_cache_dtype in ("fp8", "fp8_e4m3")
+        self.fp8 = is_fp8_cache_dtype(kv_cache_dtype)
         self.flash = _flash_attn()
         from vllm.config import get_current_vllm_config
 
+        vllm_config = get_current_vllm_config()
         self.decode_kernel = decode_kernel_choice(
-            torch.device(get_current_vllm_config().device_config.device))
+            torch.device(vllm_config.device_config.device), vllm_config)
 
     def do_kv_cache_update(self, layer: AttentionLayer, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,
@@ -515,7 +539,8 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
     def _plain(self, layer: AttentionLayer, query: torch.Tensor, kv_cache: torch.Tensor,
                md: SepLLMMetadata, output: torch.Tensor) -> torch.Tensor:
         """Every row's queries over its whole compacted cache (causal), written straight into
-        ``output``: no host work, no allocation outside the kernels (CUDA-graph safe)."""
+        ``output``: no host work (CUDA-graph safe); the only allocation outside the kernels is an
+        fp8 cache's quantized queries for FA3, from the graph's memory pool."""
         n = md.num_actual_tokens
         self._paged_decode(layer, query[:n], kv_cache, output[:n], md, md.query_start_loc)
         return output
@@ -535,7 +560,7 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
             descales = {}
             if self.fp8:
                 key_cache, value_cache = key_cache.view(FP8), value_cache.view(FP8)
-                q = (q.float() / layer._q_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+                q = quantize_fp8(q, layer._q_scale).view(FP8)
                 shape = (cu_q.shape[0] - 1, self.num_kv_heads)
                 descales = dict(q_descale=layer._q_scale.expand(shape),
                                 k_descale=layer._k_scale.expand(shape),

@@ -45,6 +45,11 @@ MODES = ("sepllm", "streamingllm", "full")
 #: ``--kv-cache-dtype`` values SEPLLM runs: fp8 is e4m3 with vLLM's per-tensor scales; e5m2
 #: and per-token-head fp8 are refused at start-up.
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3")
+
+
+def is_fp8_cache_dtype(kv_cache_dtype: str) -> bool:
+    """Whether a ``--kv-cache-dtype`` value (one of :data:`KV_CACHE_DTYPES`) stores e4m3."""
+    return kv_cache_dtype in ("fp8", "fp8_e4m3")
 DEFAULT_SEPARATORS = ".,?!;: \t\n"
 ENV_PREFIX = "VLLM_SEPLLM_"
 

@@ -117,6 +117,7 @@ from vllm_sepllm.config import (
     SepLLMConfig,
     SepLLMConfigError,
     from_additional_config,
+    is_fp8_cache_dtype,
     request_config,
 )
 
@@ -302,6 +303,14 @@ def _check_model(vllm_config, cfg: SepLLMConfig) -> None:
     if cache_dtype not in KV_CACHE_DTYPES:
         _fail(f"SEPLLM does not support kv_cache_dtype={cache_dtype!r}; use one of "
               f"{', '.join(KV_CACHE_DTYPES)}")
+    if is_fp8_cache_dtype(cache_dtype):
+        from vllm.platforms import current_platform
+
+        if not (current_platform.is_cpu() or current_platform.is_cuda()):
+            _fail(f"SEPLLM supports kv_cache_dtype={cache_dtype!r} on CUDA and CPU only")
+        if current_platform.is_cuda() and not current_platform.has_device_capability(89):
+            _fail(f"SEPLLM needs compute capability 8.9 or newer for kv_cache_dtype="
+                  f"{cache_dtype!r} (e4m3 in Triton); use a 16-bit KV cache")
     if cfg.pe_shift and cache_dtype.startswith("fp8"):
         _fail(f"sepllm.pe_shift=true needs a 16-bit KV cache, not kv_cache_dtype={cache_dtype!r}"
               ": re-rotating keys would requantize them at every eviction")

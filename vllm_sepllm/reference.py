@@ -30,9 +30,9 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 
 
-def is_fp8(kv_cache: torch.Tensor) -> bool:
-    """Whether ``kv_cache`` holds fp8 KV (vLLM allocates fp8 caches as uint8)."""
-    return kv_cache.dtype in (torch.uint8, FP8)
+def is_fp8(dtype: torch.dtype) -> bool:
+    """Whether a cache of this tensor dtype holds fp8 KV (vLLM allocates fp8 caches as uint8)."""
+    return dtype in (torch.uint8, FP8)
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
@@ -46,7 +46,7 @@ def split_kv(kv: torch.Tensor, head_size: int, dtype: torch.dtype,
     """K and V of cache rows ``kv`` [..., 2D] in ``dtype``; fp8 rows are dequantized
     (``fp8 * scale``, computed in float32)."""
     k, v = kv[..., :head_size], kv[..., head_size:]
-    if not is_fp8(kv):
+    if not is_fp8(kv.dtype):
         return k, v
     k_scale = 1.0 if k_scale is None else k_scale
     v_scale = 1.0 if v_scale is None else v_scale
@@ -207,7 +207,7 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         slot_mapping, key, value = slot_mapping[valid], key[:n][valid], value[:n][valid]
     else:
         key, value = key[:n], value[:n]
-    if is_fp8(kv_cache):
+    if is_fp8(kv_cache.dtype):
         key = quantize_fp8(key, 1.0 if k_scale is None else k_scale).view(flat.dtype)
         value = quantize_fp8(value, 1.0 if v_scale is None else v_scale).view(flat.dtype)
     flat[slot_mapping, :, :head_size] = key.to(flat.dtype)

@@ -129,7 +129,8 @@ class SepLLMRunnerMixin:
         self.sepllm.pe_shift = cfg.pe_shift
         from vllm_sepllm.backend import always_plain
 
-        self.sepllm.slot_records = cfg.pe_shift or not always_plain(cfg.cache_size, self.device)
+        self.sepllm.slot_records = cfg.pe_shift or not always_plain(cfg.cache_size, self.device,
+                                                                    self.vllm_config)
         SepLLMWorkerState.current = self.sepllm
 
     # ------------------------------------------------------------------ KV spec
