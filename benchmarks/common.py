@@ -184,6 +184,19 @@ def separator_rate(prompts: list[list[int]], sep_ids: set[int]) -> float:
     return sum(t in sep_ids for p in prompts for t in p) / max(total, 1)
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None where matplotlib is not installed (it is
+    optional: every benchmark writes its JSON and exits 0 without it)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def environment() -> dict:
     import torch
 

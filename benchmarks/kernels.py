@@ -46,7 +46,7 @@ sys.path.append(str(ROOT))
 
 import kernels  # noqa: E402
 import vllm_sepllm  # noqa: E402
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import environment, pyplot  # noqa: E402
 from kernels import load_compact_kv  # noqa: E402
 from kernels.decode import sepllm_decode  # noqa: E402
 from kernels.prefill import prefill_key_meta, sepllm_prefill  # noqa: E402
@@ -331,12 +331,8 @@ def bench_prefill(timer: Timer, fa) -> list[dict]:
 
 def plot(results: dict, path: Path) -> bool:
     """Decode GB/s, compaction µs and prefill tokens/s; False where matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]

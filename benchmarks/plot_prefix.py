@@ -16,9 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import pyplot  # noqa: E402
+
 #: (key in vLLM's result JSON, column header)
 COLUMNS = [("p50_ttft_ms", "TTFT p50 ms"), ("p99_ttft_ms", "TTFT p99 ms"),
            ("p50_tpot_ms", "TPOT p50 ms"), ("p99_tpot_ms", "TPOT p99 ms"),
@@ -79,12 +84,8 @@ def table(point: str, recs: dict[str, dict]) -> str:
 def plot(runs: dict, path: Path, title: str) -> bool:
     """Per point: TTFT p50/p99, TPOT p50/p99 and goodput bars per backend; False without
     matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     panels = [("TTFT (ms)", ["p50_ttft_ms", "p99_ttft_ms"], ["p50", "p99"]),
               ("TPOT (ms)", ["p50_tpot_ms", "p99_tpot_ms"], ["p50", "p99"]),

@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import environment, pyplot  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
@@ -234,12 +234,11 @@ def summarize(records: list[dict], native: int) -> list[dict]:
 
 
 def plot(records: list[dict], rows: list[dict], native: int, out: Path, title: str,
-         segment: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+         segment: int) -> bool:
+    """The perplexity plot at ``out``; False (nothing drawn) where matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
+        return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8),
                                    gridspec_kw={"width_ratios": [2, 1]})
     for spec in dict.fromkeys(r["run"] for r in records):
@@ -271,6 +270,7 @@ def plot(records: list[dict], rows: list[dict], native: int, out: Path, title: s
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+    return True
 
 
 def main() -> None:
@@ -335,10 +335,11 @@ def main() -> None:
               "separators": args.separators,
               **environment()}
     out.write_text(json.dumps(result))
-    plot(records, rows, native, out.with_suffix(".png"),
-         f"SmolLM2-135M on CPU, {len(docs)} x {len(docs[0][1])} tokens of {source}; "
-         f"chunk {args.chunk}", args.segment)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    drawn = plot(records, rows, native, out.with_suffix(".png"),
+                 f"SmolLM2-135M on CPU, {len(docs)} x {len(docs[0][1])} tokens of {source}; "
+                 f"chunk {args.chunk}", args.segment)
+    print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if drawn
+                            else " (no matplotlib: no plot)"))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,13 @@ os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import LLAMA3_8B, environment, load_texts, make_dummy_model  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    LLAMA3_8B,
+    environment,
+    load_texts,
+    make_dummy_model,
+    pyplot,
+)
 
 
 def stream_ids(tokenizer, n: int) -> list[int]:
@@ -106,12 +112,11 @@ class Sampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def plot(result: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict, out: Path) -> bool:
+    """The stream's plot at ``out``; False (nothing drawn) where matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
+        return False
     xs = [s for s in result["samples"] if s["tokens"] is not None]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     rate_t, rate = [], []
@@ -145,6 +150,7 @@ def plot(result: dict, out: Path) -> None:
                  f"shift, {s['tok_per_s']:.0f} tok/s, {s['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+    return True
 
 
 def main() -> None:
@@ -165,7 +171,8 @@ def main() -> None:
     p.add_argument("--plot", metavar="JSON", help="only (re)draw the PNG of a result JSON")
     args = p.parse_args()
     if args.plot:
-        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        if not plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png")):
+            print("no matplotlib: no plot")
         return
 
     from transformers import AutoTokenizer
@@ -252,12 +259,10 @@ def main() -> None:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
-    try:
-        plot(result, out_path.with_suffix(".png"))
-    except ImportError as e:  # e.g. no matplotlib on the GPU machine: draw it later (--plot)
-        print(f"no plot ({e}); run: python benchmarks/stream.py --plot {out_path}")
+    drawn = plot(result, out_path.with_suffix(".png"))
     print(json.dumps(summary, indent=1))
-    print(f"wrote {out_path} and {out_path.with_suffix('.png')}")
+    print(f"wrote {out_path}" + (f" and {out_path.with_suffix('.png')}" if drawn else
+                                 f" (no matplotlib: no plot; --plot {out_path} draws it)"))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ from benchmarks.common import (  # noqa: E402
     environment,
     kv_bytes_per_token,
     make_dummy_model,
+    pyplot,
     real_prompts_and_continuations,
     separator_rate,
 )
@@ -424,12 +425,8 @@ def report_table(records: list[dict]) -> str:
 
 def plot(records: list[dict], path: Path) -> bool:
     """Out tok/s and peak KV blocks per run (bar charts); False where matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     ok = [r for r in records if "error" not in r]
     if not ok:
