@@ -92,8 +92,15 @@ def test_sliding_window_model_is_refused(model_path, tmp_path):
     """A Mistral-style config with a sliding window."""
     model = config_folder(model_path, tmp_path, architectures=["MistralForCausalLM"],
                           model_type="mistral", sliding_window=512)
-    with pytest.raises(SepLLMConfigError, match="sliding-window"):
+    with pytest.raises(SepLLMConfigError, match="sliding-window.*--disable-sliding-window"):
         engine_config(model, attention_backend="SEPLLM")
+    # vLLM's --disable-sliding-window: full attention, max_model_len at most the window.
+    from vllm.engine.arg_utils import EngineArgs
+
+    cfg = EngineArgs(model=model, max_model_len=512, attention_backend="SEPLLM",
+                     disable_sliding_window=True).create_engine_config()
+    assert cfg.model_config.get_sliding_window() is None
+    assert cfg.additional_config["sepllm"]["window"] == 256
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -290,7 +290,8 @@ def _check_model(vllm_config, cfg: SepLLMConfig) -> None:
     if mc.get_sliding_window() is not None or any(
         t != "full_attention" for t in (getattr(text_cfg, "layer_types", None) or [])
     ):
-        _fail(f"SEPLLM does not support sliding-window or mixed attention layers (model {arch})")
+        _fail(f"SEPLLM does not support sliding-window or mixed attention layers (model {arch}); "
+              "--disable-sliding-window serves them with full attention up to the window")
     if vllm_config.speculative_config is not None:
         _fail("SEPLLM does not support speculative decoding (speculative_config is set)")
     if vllm_config.kv_transfer_config is not None:
