@@ -163,3 +163,18 @@ def test_fp8_cache_decodes_with_flash_only_where_fa3_reads_it(monkeypatch):
     monkeypatch.setenv("VLLM_SEPLLM_DECODE_KERNEL", "flash")
     with pytest.raises(ValueError, match="not available on this GPU for an fp8 KV cache"):
         backend.decode_kernel_choice(cuda, cfg("fp8", bf16))
+
+
+def test_request_sizes_past_the_context_and_odd_keys_are_refused():
+    from vllm_sepllm.config import check_limits
+
+    engine = SepLLMConfig()
+    with pytest.raises(SepLLMConfigError, match="extra_args.sepllm keys must be strings, got 1"):
+        request_config(engine, {"sepllm": {1: 64}})
+    cfg = request_config(engine, {"sepllm_num_sinks": 10 ** 30})  # a valid integer ...
+    with pytest.raises(SepLLMConfigError,  # ... past the context
+                       match=r"^extra_args.sepllm.num_sinks=10{30} is above max_model_len=2048$"):
+        check_limits(cfg, 2048, "extra_args.sepllm")
+    check_limits(request_config(engine, {"sepllm": {"window": 2048, "sep_cap": 2048}}), 2048)
+    # mode full evicts nothing: its sizes are not used
+    check_limits(request_config(engine, {"sepllm": {"mode": "full", "window": 10 ** 9}}), 2048)

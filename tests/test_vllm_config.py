@@ -68,6 +68,9 @@ def test_other_backend_untouched(model_path):
     ({"mode": "snap"}, "sepllm.mode must be one of sepllm, streamingllm, full; got 'snap'"),
     ({"window": 4096}, "sepllm.window=4096 is above max_model_len=2048"),
     ({"num_sinks": -4}, "sepllm.num_sinks must be an integer >= 0, got -4"),
+    ({"num_sinks": 10 ** 30}, "sepllm.num_sinks=1000000000000000000000000000000 is above "
+                              "max_model_len=2048"),
+    ({"sep_cap": 2049}, "sepllm.sep_cap=2049 is above max_model_len=2048"),
 ])
 def test_bad_settings_fail_with_one_line(model_path, sepllm, message):
     with pytest.raises(SepLLMConfigError) as e:

@@ -247,6 +247,20 @@ def from_additional_config(additional_config: Any, environ: dict[str, str] | Non
     return _from_mapping(values, where="additional_config.sepllm")
 
 
+def check_limits(cfg: SepLLMConfig, max_model_len: int, where: str = "sepllm") -> None:
+    """Refuse sizes past the context (one line naming the field): an evicting config's
+    ``num_sinks``, ``sep_cap`` and ``window`` must be at most ``max_model_len``. Larger values
+    mean nothing more (a cap or window past the context keeps everything) and would not fit
+    the workers' int32/int64 metadata."""
+    if not cfg.evicts:
+        return
+    for name in ("num_sinks", "sep_cap", "window"):
+        value = getattr(cfg, name)
+        if value is not None and value > max_model_len:
+            raise SepLLMConfigError(
+                f"{where}.{name}={value} is above max_model_len={max_model_len}")
+
+
 #: Keys a request may override through ``SamplingParams.extra_args["sepllm"]``.
 PER_REQUEST_KEYS = ("mode", "num_sinks", "sep_cap", "window")
 
@@ -262,9 +276,12 @@ def request_overrides(extra_args: dict[str, Any] | None) -> dict[str, Any]:
     if nested is not None:
         if not isinstance(nested, dict):
             raise SepLLMConfigError(f"extra_args.sepllm must be an object, got {nested!r}")
+        key = next((k for k in nested if not isinstance(k, str)), None)
+        if key is not None:
+            raise SepLLMConfigError(f"extra_args.sepllm keys must be strings, got {key!r}")
         overrides.update(nested)
     for key, value in extra_args.items():
-        if key.startswith("sepllm_"):
+        if isinstance(key, str) and key.startswith("sepllm_"):
             name = key[len("sepllm_"):]
             if name == "sep_cap" and isinstance(value, str) and value.lower() in ("none", "null"):
                 value = None

@@ -33,8 +33,9 @@ entry point, ``register_backend``, ``KVCacheSpecRegistry``, ``--scheduler-cls`` 
    Why: per-request settings (``SamplingParams.extra_args["sepllm"]``) must be refused in the
    front end, where a ``ValueError`` becomes HTTP 400 (or an exception from ``LLM.generate``),
    not in the engine core, where an error would take every request down with it.
-   How: when SEPLLM is selected, check them like the start-up config (plus
-   ``window <= max_model_len``). Removal: when vLLM lets plugins validate ``extra_args``.
+   How: when SEPLLM is selected, check them like the start-up config (plus sizes at most
+   ``max_model_len``); the engine core checks them again (a request that bypassed the front
+   end runs with the engine's settings). Removal: when vLLM lets plugins validate ``extra_args``.
    Also ``InputProcessor.process_inputs`` wrapped (runs after the original), with prefix
    caching on. Why: a prompt block's KV depends on the request's KV settings, so blocks may
    be shared only between requests whose settings give the same KV; vLLM's block hash has no
@@ -116,6 +117,7 @@ from vllm_sepllm.config import (
     KV_CACHE_DTYPES,
     SepLLMConfig,
     SepLLMConfigError,
+    check_limits,
     from_additional_config,
     is_fp8_cache_dtype,
     request_config,
@@ -249,18 +251,15 @@ def engine_sepllm_config(vllm_config) -> SepLLMConfig:
 
 def validate_request(vllm_config, extra_args) -> SepLLMConfig:
     """The request's SepLLM config; ``ValueError`` (one line, naming the field) if invalid."""
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise ValueError(f"extra_args must be an object, got {type(extra_args).__name__}")
     try:
         cfg = request_config(engine_sepllm_config(vllm_config), extra_args)
+        check_limits(cfg, vllm_config.model_config.max_model_len, "extra_args.sepllm")
+        if cfg.pe_shift:
+            _check_pe_shift_bound(vllm_config, cfg, "extra_args.sepllm")
     except SepLLMConfigError as e:
         raise ValueError(str(e)) from None
-    max_len = vllm_config.model_config.max_model_len
-    if cfg.evicts and cfg.window > max_len:
-        raise ValueError(f"extra_args.sepllm.window={cfg.window} is above max_model_len={max_len}")
-    if cfg.pe_shift:
-        try:
-            _check_pe_shift_bound(vllm_config, cfg, "extra_args.sepllm")
-        except SepLLMConfigError as e:
-            raise ValueError(str(e)) from None
     return cfg
 
 
@@ -315,8 +314,7 @@ def _check_model(vllm_config, cfg: SepLLMConfig) -> None:
     if cfg.pe_shift and cache_dtype.startswith("fp8"):
         _fail(f"sepllm.pe_shift=true needs a 16-bit KV cache, not kv_cache_dtype={cache_dtype!r}"
               ": re-rotating keys would requantize them at every eviction")
-    if cfg.evicts and cfg.window > mc.max_model_len:
-        _fail(f"sepllm.window={cfg.window} is above max_model_len={mc.max_model_len}")
+    check_limits(cfg, mc.max_model_len)
     max_pos = _max_positions(vllm_config)
     if cfg.pe_shift:
         rope = getattr(mc.hf_text_config, "rope_parameters", None) or {}

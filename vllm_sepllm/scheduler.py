@@ -25,7 +25,7 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.request import Request
 
-from vllm_sepllm.config import SepLLMConfig, SepLLMConfigError, request_config
+from vllm_sepllm.config import SepLLMConfig
 from vllm_sepllm.instrument import TrackingAsyncScheduler, TrackingScheduler
 from vllm_sepllm.kv_manager import SepLLMManager
 from vllm_sepllm.metrics import SepLLMSchedulerStats, SepLLMStepStats, worker_stats_of
@@ -95,13 +95,15 @@ class _SepLLMSchedulerMixin:
     def _retention_of(self, request: Request) -> Retention:
         r = self._sepllm_retention.get(request.request_id)
         if r is None:
+            from vllm_sepllm.patches import validate_request
+
             extra = request.sampling_params.extra_args if request.sampling_params else None
             try:
-                cfg = request_config(self.sepllm_config, extra)
-            except SepLLMConfigError as e:
-                # The front end refuses bad settings (patches.validate_request); if one gets
-                # here anyway, serve the request with the engine's settings rather than fail
-                # the whole engine.
+                cfg = validate_request(self.vllm_config, extra)
+            except ValueError as e:
+                # The front end refuses bad settings (the same validate_request); if one gets
+                # here anyway (a client of the engine core itself), serve the request with the
+                # engine's settings rather than fail the whole engine.
                 logger.error("sepllm: request %s: %s; using the engine settings",
                              request.request_id, e)
                 cfg = self.sepllm_config
