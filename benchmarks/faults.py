@@ -952,6 +952,8 @@ def run(sizes: Sizes, workdir: Path, model: str | None = None,
 
     from vllm_sepllm.testing.model import smollm2_path
 
+    # what the servers run: the tree as they start (another commit may land meanwhile)
+    versions, dirty = _versions(), _dirty()
     model = model or smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(model)
     workdir = Path(workdir)
@@ -1007,13 +1009,12 @@ def run(sizes: Sizes, workdir: Path, model: str | None = None,
             f"{ctl.get('exit_code')}, health {ctl.get('health', {}).get('outcome')}, requests "
             f"{ctl.get('request_outcomes')}")})
     passed = bool(record["phases"]) and all(p["passed"] for p in record["phases"].values())
-    versions = _versions()
     return {
         "passed": passed,
         "summary": {k: v["passed"] for k, v in record["phases"].items()},
         "findings": notes,
         "commit": versions.get("commit"),
-        "dirty": _dirty(),
+        "dirty": dirty,
         "versions": versions,
         "sizes": dataclasses.asdict(sizes),
         "settings": {"sepllm": SEPLLM, "dtype": "float32", "enforce_eager": True,
