@@ -59,8 +59,8 @@ versions. ``--control`` repeats phase 4 on vLLM's own CPU_ATTN backend (recorded
 
 With vLLM 0.26.0 the run exits 1: three checks fail for causes in vLLM, not in this plugin
 (:data:`UPSTREAM`): a JSON array as the body answers 500 (completions and chat), and the server
-exits 0 after its engine core was killed. The checks stay strict; the CI test requires those
-three to show exactly as documented and every other check to pass.
+exits 0 after its engine core was killed. The checks stay strict; the CI test lets those three
+fail only as documented (500; exit 0 within the bound) and requires every other check to pass.
 """
 
 from __future__ import annotations
@@ -838,8 +838,8 @@ def _tally(reqs: list[dict]) -> dict:
 #: Failures of the checks above whose cause is vLLM 0.26.0 itself, not this plugin (each was
 #: traced to vLLM's code; ``--control`` repeats the engine kill on vLLM's own CPU backend). The
 #: checks stay strict: a run that shows them fails (exit 1) and lists them under ``findings``;
-#: tests/test_faults_cpu.py requires each to still show exactly so, so a vLLM that fixes one
-#: makes the test say so. Keys: "phase:case" (a bad-input case) or "phase:check".
+#: tests/test_faults_cpu.py lets each fail only in the documented way. Keys: "phase:case" (a
+#: bad-input case) or "phase:check".
 UPSTREAM = {
     "bad_input:json_array_body": (
         "HTTP 500 \"'list' object has no attribute 'get'\": vLLM's CompletionRequest "

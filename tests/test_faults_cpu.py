@@ -13,9 +13,9 @@ check): the OpenAI server with SEPLLM on loopback, all four phases, smaller:
 
 No phase is left to the script only. vLLM 0.26.0 itself fails three of the checks
 (``faults.UPSTREAM``: a JSON array body answers 500 on completions and chat; the server exits 0
-after its engine core died): this test requires them to show exactly as documented (so a vLLM
-that fixes one fails here, and the entry is dropped) and every other check to pass. About 3 min
-on 2 cores (two servers start at once, on separate cores).
+after its engine core died): those may fail, but only as documented (500; exit 0 within the
+bound, not a hang); every other check must pass. About 3-4.5 min on 2 cores (two servers start
+at once, on separate cores; start-up is most of it and stretches when the cores are busy).
 """
 
 from __future__ import annotations
@@ -34,22 +34,19 @@ def test_server_faults(model_path, tmp_path):
     for name, rec in phases.items():
         assert "exception" not in rec, (name, rec["exception"])
 
-    # 2. every case answers 4xx naming the field, but the documented upstream ones: 500
+    # 2. every case answers 4xx naming the field; a documented upstream one may answer 500
     for case in phases["bad_input"]["cases"]:
-        if f"bad_input:{case['name']}" in UPSTREAM:
-            assert case["status"] == 500 and not case["ok"], ("upstream fixed?", case)
-        else:
-            assert case["ok"], case
-    # 4. the server exits 0 (upstream), within the bound: not a hang
+        upstream = f"bad_input:{case['name']}" in UPSTREAM
+        assert case["ok"] or (upstream and case["status"] == 500), case
+    # 4. the server exits non-zero; or 0 (upstream), but within the bound: not a hang
     kill = phases["engine_kill"]
-    assert f"engine_kill:{_EXIT_CHECK}" in UPSTREAM
-    assert kill["exit_code"] == 0 and kill["exit_after_kill_s"] <= 60, (
-        "upstream fixed?", kill["exit_code"], kill["exit_after_kill_s"])
+    assert kill["exit_code"] is not None and kill["exit_after_kill_s"] <= 60, kill["exit_code"]
+    assert kill["exit_code"] != 0 or f"engine_kill:{_EXIT_CHECK}" in UPSTREAM
 
+    allowed = {f"bad_input:{c}" for c in _CASE_CHECKS} | {f"engine_kill:{_EXIT_CHECK}"}
     failed = {f"{name}:{check}" for name, rec in phases.items()
               for check, ok in rec["checks"].items() if not ok}
-    expected = {f"bad_input:{c}" for c in _CASE_CHECKS} | {f"engine_kill:{_EXIT_CHECK}"}
-    assert failed == expected, {name: rec["checks"] for name, rec in phases.items()}
+    assert failed <= allowed, {name: rec["checks"] for name, rec in phases.items()}
     assert all(f["upstream"] for f in record["findings"] if "observed" in f), record["findings"]
 
     # the figures the checks rest on, spelled out
