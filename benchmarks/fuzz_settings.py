@@ -118,54 +118,48 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _value_ok(name: str, v: Any, max_len: int) -> bool:
+    if name == "mode":
+        return isinstance(v, str) and v in MODES
+    if name == "sep_cap" and v is None:
+        return True
+    lo = 1 if name == "window" else 0
+    return _is_int(v) and lo <= v <= max_len
+
+
 def expected(payload: Any, engine: dict = ENGINE, max_len: int = MAX_MODEL_LEN
              ) -> tuple[bool, set[str], dict | None]:
     """What the documented rules say of ``payload``: (accepted, the fields a refusal may name,
     the effective mode/a/s/w if accepted). Rules (README "Per-request settings"): ``extra_args``
     is an object; ``extra_args["sepllm"]`` an object with string keys; ``sepllm_<key>``
-    entries override it; only mode, num_sinks, sep_cap and window per request; mode one of
-    sepllm/streamingllm/full; num_sinks an integer >= 0; sep_cap an integer >= 0 or null (also
-    the strings none/null in the flat form); window an integer >= 1; in an evicting mode each
-    size at most max_model_len."""
+    entries override it; only mode, num_sinks, sep_cap and window per request; every value
+    given is valid on its own, also one that another entry overrides: mode one of
+    sepllm/streamingllm/full; num_sinks an integer in [0, max_model_len]; sep_cap null (also
+    the strings none/null in the flat form) or an integer in [0, max_model_len]; window an
+    integer in [1, max_model_len]."""
     if payload is None:
         return True, set(), dict(engine)
     if not isinstance(payload, dict):
         return False, {"extra_args"}, None
-    overrides: dict[Any, Any] = {}
+    entries: list[tuple[Any, Any]] = []
     nested = payload.get("sepllm")
     if nested is not None:
-        if not isinstance(nested, dict):
+        if not isinstance(nested, dict) or not all(isinstance(k, str) for k in nested):
             return False, {"sepllm"}, None
-        if not all(isinstance(k, str) for k in nested):
-            return False, {"sepllm"}, None
-        overrides.update(nested)
+        entries += nested.items()
     for key, value in payload.items():
         if isinstance(key, str) and key.startswith("sepllm_"):
             name = key[len("sepllm_"):]
             if name == "sep_cap" and isinstance(value, str) and value.lower() in ("none", "null"):
                 value = None
-            overrides[name] = value
-    if not overrides:
-        return True, set(), dict(engine)
-    unknown = {k for k in overrides if k not in PER_REQUEST}
+            entries.append((name, value))
+    unknown = {k for k, _ in entries if k not in PER_REQUEST}
     if unknown:
         return False, {repr(k) for k in unknown}, None
-    cfg = {**engine, **overrides}
-    bad = set()
-    if not isinstance(cfg["mode"], str) or cfg["mode"] not in MODES:
-        bad.add("mode")
-    if not (_is_int(cfg["num_sinks"]) and cfg["num_sinks"] >= 0):
-        bad.add("num_sinks")
-    if not (cfg["sep_cap"] is None or (_is_int(cfg["sep_cap"]) and cfg["sep_cap"] >= 0)):
-        bad.add("sep_cap")
-    if not (_is_int(cfg["window"]) and cfg["window"] >= 1):
-        bad.add("window")
-    if not bad and cfg["mode"] != "full":
-        bad |= {k for k in ("num_sinks", "sep_cap", "window")
-                if cfg[k] is not None and cfg[k] > max_len}
+    bad = {k for k, v in entries if not _value_ok(k, v, max_len)}
     if bad:
         return False, bad, None
-    return True, set(), cfg
+    return True, set(), {**engine, **dict(entries)}
 
 
 def retention_bound(cfg: dict) -> int | None:
@@ -337,6 +331,9 @@ def run_engine(payloads: list[Any], model: str, tokenizer, seed: int, bypass: in
     t_front = time.perf_counter() - t0
 
     # Path 3: refused payloads straight to the engine core.
+    from vllm.v1.serial_utils import MsgpackEncoder
+
+    wire = MsgpackEncoder()  # what carries requests to the engine core
     restore = _unwrap_front_end()
     try:
         for i in refused[:bypass]:
@@ -344,11 +341,11 @@ def run_engine(payloads: list[Any], model: str, tokenizer, seed: int, bypass: in
             params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True,
                                     extra_args=payloads[i])
             try:
-                engine.add_request(f"bypass-{i}", TokensPrompt(prompt_token_ids=prompt), params)
+                wire.encode(params)
             except OverflowError:  # msgpack carries ints of 64 bits only: it never gets there
                 counts["bypass_unsendable"] += 1
-                engine.abort_request([f"bypass-{i}"])  # registered before the send failed
                 continue
+            engine.add_request(f"bypass-{i}", TokensPrompt(prompt_token_ids=prompt), params)
             counts["bypassed"] += 1
             pending[f"bypass-{i}"] = (i, 2, None)
             drain(in_flight)
@@ -360,8 +357,8 @@ def run_engine(payloads: list[Any], model: str, tokenizer, seed: int, bypass: in
     engine.add_request("after", TokensPrompt(prompt_token_ids=prompts[0]),
                        SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     done = []
-    while engine.has_unfinished_requests():
-        done += [o for o in engine.step() if o.finished]
+    while not done:  # (not has_unfinished_requests(): a request the front end failed to send
+        done += [o for o in engine.step() if o.finished]  # would stay there, see other_errors)
     alive = len(done) == 1 and len(done[0].outputs[0].token_ids) == 4
     engine.do_log_stats()
     gauges = {m.name: m.value for m in engine.get_metrics()

@@ -176,5 +176,12 @@ def test_request_sizes_past_the_context_and_odd_keys_are_refused():
                        match=r"^extra_args.sepllm.num_sinks=10{30} is above max_model_len=2048$"):
         check_limits(cfg, 2048, "extra_args.sepllm")
     check_limits(request_config(engine, {"sepllm": {"window": 2048, "sep_cap": 2048}}), 2048)
-    # mode full evicts nothing: its sizes are not used
-    check_limits(request_config(engine, {"sepllm": {"mode": "full", "window": 10 ** 9}}), 2048)
+    with pytest.raises(SepLLMConfigError, match="window=1000000000 is above max_model_len"):
+        check_limits(request_config(engine, {"sepllm": {"mode": "full", "window": 10 ** 9}}),
+                     2048)  # one rule in every mode
+    # every value given is checked, also one a flat entry overrides: it still travels
+    with pytest.raises(SepLLMConfigError,
+                       match=r"^extra_args.sepllm.window=10{30} is above max_model_len=2048$"):
+        request_config(engine, {"sepllm": {"window": 10 ** 30}, "sepllm_window": 64}, 2048)
+    with pytest.raises(SepLLMConfigError, match="sepllm.mode must be one of"):
+        request_config(engine, {"sepllm": {"mode": "x"}, "sepllm_mode": "full"})

@@ -11,10 +11,10 @@ check): the OpenAI server with SEPLLM on loopback, all four phases, smaller:
 4. SIGKILL of the EngineCore with 8 requests in flight: all end with an error, no hang,
    ``/health`` fails, the server exits, no orphan.
 
-No phase is left to the script only. vLLM 0.26.0 itself fails three of the checks
-(``faults.UPSTREAM``: a JSON array body answers 500 on completions and chat; the server exits 0
-after its engine core died): those may fail, but only as documented (500; exit 0 within the
-bound, not a hang); every other check must pass. About 3-4.5 min on 2 cores (two servers start
+No phase is left to the script only. vLLM 0.26.0 itself fails two of the cases
+(``faults.UPSTREAM``: a JSON array body answers 500 on completions and chat): those may fail,
+but only as documented (500); every other check must pass, the exit status 1 after the engine
+core died included (vLLM alone exits 0; patches.py, ledger item 8). About 3-4.5 min on 2 cores (two servers start
 at once, on separate cores; start-up is most of it and stretches when the cores are busy).
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 # Checks that aggregate the bad-input cases; the cases are checked one by one below.
 _CASE_CHECKS = ("every_bad_input_4xx_naming_the_field", "no_5xx_or_hang")
-_EXIT_CHECK = "server_exited_non_zero_within_60_s"
 
 
 def test_server_faults(model_path, tmp_path):
@@ -38,12 +37,11 @@ def test_server_faults(model_path, tmp_path):
     for case in phases["bad_input"]["cases"]:
         upstream = f"bad_input:{case['name']}" in UPSTREAM
         assert case["ok"] or (upstream and case["status"] == 500), case
-    # 4. the server exits non-zero; or 0 (upstream), but within the bound: not a hang
+    # 4. the server exits non-zero within the bound: not a hang
     kill = phases["engine_kill"]
-    assert kill["exit_code"] is not None and kill["exit_after_kill_s"] <= 60, kill["exit_code"]
-    assert kill["exit_code"] != 0 or f"engine_kill:{_EXIT_CHECK}" in UPSTREAM
+    assert kill["exit_code"] not in (None, 0) and kill["exit_after_kill_s"] <= 60, kill
 
-    allowed = {f"bad_input:{c}" for c in _CASE_CHECKS} | {f"engine_kill:{_EXIT_CHECK}"}
+    allowed = {f"bad_input:{c}" for c in _CASE_CHECKS}
     failed = {f"{name}:{check}" for name, rec in phases.items()
               for check, ok in rec["checks"].items() if not ok}
     assert failed <= allowed, {name: rec["checks"] for name, rec in phases.items()}

@@ -248,12 +248,10 @@ def from_additional_config(additional_config: Any, environ: dict[str, str] | Non
 
 
 def check_limits(cfg: SepLLMConfig, max_model_len: int, where: str = "sepllm") -> None:
-    """Refuse sizes past the context (one line naming the field): an evicting config's
-    ``num_sinks``, ``sep_cap`` and ``window`` must be at most ``max_model_len``. Larger values
-    mean nothing more (a cap or window past the context keeps everything) and would not fit
-    the workers' int32/int64 metadata."""
-    if not cfg.evicts:
-        return
+    """Refuse sizes past the context (one line naming the field): ``num_sinks``, ``sep_cap``
+    and ``window`` must be at most ``max_model_len`` (in every mode, so that one rule holds).
+    Larger values mean nothing more (a cap or window past the context keeps everything) and
+    would not fit the workers' int32/int64 metadata nor vLLM's 64-bit request messages."""
     for name in ("num_sinks", "sep_cap", "window"):
         value = getattr(cfg, name)
         if value is not None and value > max_model_len:
@@ -265,13 +263,14 @@ def check_limits(cfg: SepLLMConfig, max_model_len: int, where: str = "sepllm") -
 PER_REQUEST_KEYS = ("mode", "num_sinks", "sep_cap", "window")
 
 
-def request_overrides(extra_args: dict[str, Any] | None) -> dict[str, Any]:
-    """SepLLM overrides in a request's ``extra_args``: a ``"sepllm"`` object (Python API), or,
-    through the OpenAI API's ``vllm_xargs`` (flat scalar values only), ``"sepllm_<key>"``
-    entries, e.g. ``{"sepllm_window": 128, "sepllm_sep_cap": "none"}``."""
+def request_entries(extra_args: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """Every SepLLM setting a request's ``extra_args`` gives, in the order they apply: a
+    ``"sepllm"`` object (Python API), then, through the OpenAI API's ``vllm_xargs`` (flat scalar
+    values only), ``"sepllm_<key>"`` entries, e.g. ``{"sepllm_window": 128, "sepllm_sep_cap":
+    "none"}``, which win over the object's."""
     if not extra_args:
-        return {}
-    overrides: dict[str, Any] = {}
+        return []
+    entries: list[tuple[str, Any]] = []
     nested = extra_args.get("sepllm")
     if nested is not None:
         if not isinstance(nested, dict):
@@ -279,30 +278,52 @@ def request_overrides(extra_args: dict[str, Any] | None) -> dict[str, Any]:
         key = next((k for k in nested if not isinstance(k, str)), None)
         if key is not None:
             raise SepLLMConfigError(f"extra_args.sepllm keys must be strings, got {key!r}")
-        overrides.update(nested)
+        entries.extend(nested.items())
     for key, value in extra_args.items():
         if isinstance(key, str) and key.startswith("sepllm_"):
             name = key[len("sepllm_"):]
             if name == "sep_cap" and isinstance(value, str) and value.lower() in ("none", "null"):
                 value = None
-            overrides[name] = value
-    return overrides
+            entries.append((name, value))
+    return entries
 
 
-def request_config(engine: SepLLMConfig, extra_args: dict[str, Any] | None) -> SepLLMConfig:
+def request_overrides(extra_args: dict[str, Any] | None) -> dict[str, Any]:
+    """The request's SepLLM overrides (:func:`request_entries`, later entries winning)."""
+    return dict(request_entries(extra_args))
+
+
+def _check_request_value(name: str, value: Any, max_model_len: int | None) -> None:
+    if name == "mode":
+        _check_choice(name, value, MODES)
+        return
+    if name == "sep_cap" and value is None:
+        return
+    _check_int(name, value, minimum=1 if name == "window" else 0)
+    if max_model_len is not None and value > max_model_len:
+        raise SepLLMConfigError(
+            f"extra_args.sepllm.{name}={value} is above max_model_len={max_model_len}")
+
+
+def request_config(engine: SepLLMConfig, extra_args: dict[str, Any] | None,
+                   max_model_len: int | None = None) -> SepLLMConfig:
     """The config of one request: the engine config with its overrides applied
     (:func:`request_overrides`).
 
     Separator sets are engine-wide (they shape the worker's lookup table), so a request may
-    override only :data:`PER_REQUEST_KEYS`.
+    override only :data:`PER_REQUEST_KEYS`. Every value given is checked, also one a flat entry
+    overrides (it still travels to the engine core), and, with ``max_model_len``, sizes must be
+    at most that.
     """
-    overrides = request_overrides(extra_args)
-    if not overrides:
+    entries = request_entries(extra_args)
+    if not entries:
         return engine
-    bad = sorted(set(overrides) - set(PER_REQUEST_KEYS))
+    bad = sorted({name for name, _ in entries} - set(PER_REQUEST_KEYS))
     if bad:
         raise SepLLMConfigError(
             f"extra_args.sepllm: key {bad[0]!r} cannot be set per request "
             f"(per-request keys: {', '.join(PER_REQUEST_KEYS)})"
         )
-    return engine.with_overrides(overrides, where="extra_args.sepllm")
+    for name, value in entries:
+        _check_request_value(name, value, max_model_len)
+    return engine.with_overrides(dict(entries), where="extra_args.sepllm")

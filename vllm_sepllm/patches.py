@@ -59,6 +59,17 @@ entry point, ``register_backend``, ``KVCacheSpecRegistry``, ``--scheduler-cls`` 
    schedulers' stats decode with ``sepllm=None``, otherwise unchanged. Removal: when
    ``SchedulerStats`` gets a field for plugin figures.
 
+8. ``vllm.entrypoints.openai.api_server.serve_http`` wrapped (the API server's HTTP loop).
+   Why: when its engine core dies, vLLM 0.26's API server stops serving (its watchdog sets
+   uvicorn's ``should_exit``) but then exits with status 0, so a supervisor that restarts on
+   failure (systemd ``Restart=on-failure``, a container restart policy) leaves it down.
+   How: when the loop returns and the engine client of a SEPLLM server has errored (vLLM's own
+   test: ``errored and not is_running``, unless ``VLLM_KEEP_ALIVE_ON_ENGINE_DEATH``), raise
+   ``SystemExit(1)`` there: vLLM's engine-client context still shuts down as usual on the way
+   out, and ``vllm serve`` exits 1. A normal shutdown (SIGTERM, drained or not) is untouched.
+   Single API server only (``--api-server-count`` above 1 runs another loop). Removal: when
+   vLLM exits non-zero after engine death.
+
 Also through vLLM's ``vllm.stat_logger_plugins`` entry point (an extension point, not a patch):
 ``metrics.SepLLMPrometheusStatLogger`` replaces the default Prometheus logger (vLLM keeps only one
 ``PrometheusStatLogger``) and adds ``vllm:sepllm_*``. vLLM turns stats on for any AsyncLLM when
@@ -210,6 +221,8 @@ def install() -> None:
 
     # 7. SepLLM figures in the scheduler stats reach the front end
     _widen_scheduler_stats()
+    # 8. the API server exits non-zero after its engine died
+    _exit_non_zero_on_engine_death()
     _installed = True
 
 
@@ -227,6 +240,46 @@ def _widen_scheduler_stats() -> None:
     if getattr(decoded.scheduler_stats, "sepllm", None) != probe.scheduler_stats.sepllm:
         logger.error("sepllm: an EngineCoreOutputs decoder was built before the plugin loaded; "
                      "vllm:sepllm_* metrics will stay empty in this process")
+
+
+def _exit_non_zero_on_engine_death() -> None:
+    """Ledger item 8."""
+    import sys
+
+    # Only in an API server process (the module is loaded there before plugins are; also when
+    # run as ``python -m vllm.entrypoints.openai.api_server``): no server imports elsewhere.
+    for name in ("vllm.entrypoints.openai.api_server", "__main__"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "build_and_serve") and hasattr(
+                module, "serve_http") and not getattr(module.serve_http, "_sepllm", False):
+            module.serve_http = _serve_http_exiting_on_engine_death(module.serve_http)
+
+
+def _serve_http_exiting_on_engine_death(original):
+
+    @functools.wraps(original)
+    async def serve_http(app, *args, **kwargs):
+        # Read before serving: vLLM's lifespan deletes app.state when the server stops.
+        engine = getattr(getattr(app, "state", None), "engine_client", None)
+        shutdown = await original(app, *args, **kwargs)
+        if engine is not None and engine_died(engine):
+            if hasattr(shutdown, "close"):
+                shutdown.close()  # the coroutine vLLM would await next: nothing left to stop
+            logger.error("sepllm: the engine core died; the API server exits with status 1")
+            raise SystemExit(1)
+        return shutdown
+
+    serve_http._sepllm = True
+    return serve_http
+
+
+def engine_died(engine_client) -> bool:
+    """Whether a SEPLLM server's engine client has died, by vLLM's own test
+    (``vllm.entrypoints.launcher.terminate_if_errored``)."""
+    import vllm.envs as envs
+
+    return (not envs.VLLM_KEEP_ALIVE_ON_ENGINE_DEATH and bool(engine_client.errored)
+            and not engine_client.is_running and sepllm_selected(engine_client.vllm_config))
 
 
 def _custom_is_ours() -> bool:
@@ -254,8 +307,9 @@ def validate_request(vllm_config, extra_args) -> SepLLMConfig:
     if extra_args is not None and not isinstance(extra_args, dict):
         raise ValueError(f"extra_args must be an object, got {type(extra_args).__name__}")
     try:
-        cfg = request_config(engine_sepllm_config(vllm_config), extra_args)
-        check_limits(cfg, vllm_config.model_config.max_model_len, "extra_args.sepllm")
+        max_len = vllm_config.model_config.max_model_len
+        cfg = request_config(engine_sepllm_config(vllm_config), extra_args, max_len)
+        check_limits(cfg, max_len, "extra_args.sepllm")
         if cfg.pe_shift:
             _check_pe_shift_bound(vllm_config, cfg, "extra_args.sepllm")
     except SepLLMConfigError as e:
