@@ -12,7 +12,11 @@
 # `vllm serve` + `vllm bench serve`, FLASH_ATTN vs SEPLLM, benchmarks/prefix_serve.sh; PREFIX_S each),
 # families (WF pair FLASH_ATTN vs SEPLLM:a4s64w256c356 per model shape of common.SHAPES, GPU 0,
 # --fast-start, one after the other: FAMILIES shapes, FAM_S seconds each, FAM_KV_BYTES of KV;
-# about 2-3 shapes fit one device call), fp8pair (the same pair, Llama-3.1-8B, fp8 KV cache).
+# about 2-3 shapes fit one device call), fp8pair (the same pair, Llama-3.1-8B, fp8 KV cache),
+# soak (benchmarks/soak.py on GPU 0: 1,200 mixed SepLLM requests, 10% aborted, a KV pool that forces
+# preemption, async scheduling + full CUDA graphs; SOAK_S seconds in all (default 500: the script's
+# own deadline is SOAK_S - 30, then SIGTERM, then SIGKILL 20 s later), SOAK_ARGS more flags;
+# writes $OUT/h200_soak.json and $OUT/soak.log).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git_commit=$(cat .commit 2>/dev/null || echo unknown)
@@ -147,6 +151,13 @@ for step in "$@"; do
         family "$shape" "$shape" "family_$shape"
       done ;;
     fp8pair) family llama3.1-8b llama3.1-8b_fp8 family_fp8 --kv-cache-dtype fp8 ;;
+    soak)  # the script writes its JSON on its deadline, on SIGTERM, and every 15 s while it runs
+      CUDA_VISIBLE_DEVICES=0 timeout -k 20 -s TERM ${SOAK_S:-500} python3 benchmarks/soak.py \
+        --tokenizer-dir .gpu/tok --deadline $(( ${SOAK_S:-500} - 30 )) ${SOAK_ARGS:-} \
+        --out "$OUT/h200_soak.json" > "$OUT/soak.log" 2>&1; echo "soak rc=$?"
+      grep -v "Capturing CUDA graphs\|it/s\]\|sepllm: request .* finished:" "$OUT/soak.log" | tail -300 \
+        > "$OUT/soak.log.tmp"; mv "$OUT/soak.log.tmp" "$OUT/soak.log"
+      tail -8 "$OUT/soak.log" ;;
     cli) timeout ${CLI_S:-300} bash benchmarks/gpu_cli_check.sh "$OUT/cli" > "$OUT/cli.log" 2>&1; echo "cli rc=$?"; tail -20 "$OUT/cli.log" ;;
     *) echo "unknown step $step" ;;
   esac
