@@ -118,3 +118,19 @@ def test_plan():
         assert len({str(m.overrides) for m in members}) == 1
         k = min(len(m.prompt) for m in members)
         assert len({tuple(m.prompt[:k]) for m in members}) == 1
+
+
+def test_check_kv_async_step_in_flight():
+    """With async scheduling the cache may already be evicted for the discarded next query:
+    R(tokens) without it, one token fewer here; accepted with async scheduling only, and no
+    other count is."""
+    rng = random.Random(2)
+    ids = [rng.randrange(10, 60) for _ in range(700)]  # no separator: each step evicts one
+    ov = {"mode": "sepllm", "num_sinks": 2, "sep_cap": 8, "window": 40}
+    it = _item(ids[:200], ids[200:600], ov)
+    fig = _figures(it, ov)
+    ahead = dict(fig, kv_retained=fig["kv_retained"] - 1, kv_evicted=fig["kv_evicted"] + 1)
+    assert check_kv(it, ahead, SEPS, ENGINE, 256, 16, 0, True) == ([], False)
+    assert check_kv(it, ahead, SEPS, ENGINE, 256, 16, 0, False)[0]
+    two = dict(fig, kv_retained=fig["kv_retained"] - 2, kv_evicted=fig["kv_evicted"] + 2)
+    assert check_kv(it, two, SEPS, ENGINE, 256, 16, 0, True)[0]
