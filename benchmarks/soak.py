@@ -295,6 +295,10 @@ def check_kv(it: Item, st: dict | None, sep_arr: np.ndarray, engine_cfg: dict, c
         return ["no kv_transfer_params['sepllm'] in the final output"], False
     problems = []
     tokens, kept, evicted = st["tokens"], st["kv_retained"], st["kv_evicted"]
+    if preempted and tokens == 0:
+        # finished while preempted (its last token in flight under async scheduling): no KV
+        return ([] if kept == evicted == st["peak_kv_blocks"] == 0
+                else [f"finished while preempted but holds KV: {st}"]), False
     if kept + evicted != tokens:
         problems.append(f"retained {kept} + evicted {evicted} != tokens {tokens}")
     full = len(it.prompt) + it.max_tokens

@@ -134,3 +134,15 @@ def test_check_kv_async_step_in_flight():
     assert check_kv(it, ahead, SEPS, ENGINE, 256, 16, 0, False)[0]
     two = dict(fig, kv_retained=fig["kv_retained"] - 2, kv_evicted=fig["kv_evicted"] + 2)
     assert check_kv(it, two, SEPS, ENGINE, 256, 16, 0, True)[0]
+
+
+def test_check_kv_finished_while_preempted():
+    """A request whose last token was in flight when it was preempted reports no KV held."""
+    rng = random.Random(3)
+    ids = _ids(rng, 400)
+    ov = {"mode": "sepllm", "num_sinks": 2, "sep_cap": 8, "window": 40}
+    it = _item(ids[:200], ids[200:240], ov)
+    none = {"tokens": 0, "kv_retained": 0, "kv_evicted": 0, "peak_kv_blocks": 0}
+    assert check_kv(it, none, SEPS, ENGINE, 256, 16, 2, True) == ([], False)
+    assert check_kv(it, none, SEPS, ENGINE, 256, 16, 0, True)[0]  # never preempted: flagged
+    assert check_kv(it, dict(none, kv_retained=3), SEPS, ENGINE, 256, 16, 2, True)[0]

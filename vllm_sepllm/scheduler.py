@@ -267,6 +267,11 @@ class _SepLLMSchedulerMixin:
         """
         stats = self.sepllm_manager.request_stats(request.request_id,
                                                    request.num_computed_tokens)
+        if stats is None and request.num_output_tokens:
+            # Finished while preempted (async scheduling: its last token was in flight when
+            # the scheduler preempted it): it holds no KV now.
+            stats = {"tokens": 0, "kv_retained": 0, "kv_evicted": 0, "retained_ratio": 0.0,
+                     "peak_kv_blocks": 0}
         freed, compactions = self._sepllm_request_counts.pop(request.request_id, (0, 0))
         if stats is not None:
             stats["kv_blocks_freed"] = freed
