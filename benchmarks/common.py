@@ -218,4 +218,16 @@ def environment() -> dict:
             info["commit"] = None
     if not info.get("commit"):
         info["commit"] = os.environ.get("SEPLLM_COMMIT", "unknown")
+    info["dirty"] = dirty_files()
     return info
+
+
+def dirty_files() -> list[str]:
+    """Tracked plugin/benchmark/test files modified in the working tree (they ran, uncommitted)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                              "vllm_sepllm", "benchmarks", "tests"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line[3:] for line in out.splitlines()]

@@ -911,17 +911,6 @@ def _versions() -> dict:
     return info
 
 
-def _dirty() -> list[str]:
-    """Tracked plugin/benchmark files modified in the working tree (they ran, uncommitted)."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                              "vllm_sepllm", "benchmarks"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line[3:] for line in out.splitlines()]
-
-
 PHASES = ("disconnects", "bad_input", "sigterm", "engine_kill")
 
 
@@ -948,8 +937,10 @@ def run(sizes: Sizes, workdir: Path, model: str | None = None,
 
     from vllm_sepllm.testing.model import smollm2_path
 
+    from benchmarks.common import dirty_files
+
     # what the servers run: the tree as they start (another commit may land meanwhile)
-    versions, dirty = _versions(), _dirty()
+    versions, dirty = _versions(), dirty_files()
     model = model or smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(model)
     workdir = Path(workdir)

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -382,6 +381,8 @@ def tiny_model(workdir: Path) -> str:
 def run(payload_count: int, seed: int, workdir: Path, bypass: int = 300) -> dict:
     from transformers import AutoTokenizer
 
+    from benchmarks.common import environment
+
     rng = random.Random(seed)
     payloads = [random_payload(rng) for _ in range(payload_count)]
     contract = check_contract(payloads)
@@ -398,23 +399,7 @@ def run(payload_count: int, seed: int, workdir: Path, bypass: int = 300) -> dict
     }
     return {"seed": seed, "payloads": payload_count, "engine": ENGINE,
             "max_model_len": MAX_MODEL_LEN, "contract": contract, "live": live,
-            "checks": checks, "passed": all(checks.values()), "commit": _commit(),
-            "versions": _versions()}
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
-def _versions() -> dict:
-    import torch
-    import vllm
-
-    return {"vllm": vllm.__version__, "torch": torch.__version__}
+            "checks": checks, "passed": all(checks.values()), **environment()}
 
 
 def _json_safe(x: Any) -> Any:

@@ -298,6 +298,7 @@ def check_kv(it: Item, st: dict | None, sep_arr: np.ndarray, engine_cfg: dict, c
     if preempted and tokens == 0:
         # finished while preempted (its last token in flight under async scheduling): no KV
         return ([] if kept == evicted == st["peak_kv_blocks"] == 0
+                and st.get("preempted_at_finish") and async_sched
                 else [f"finished while preempted but holds KV: {st}"]), False
     if kept + evicted != tokens:
         problems.append(f"retained {kept} + evicted {evicted} != tokens {tokens}")

@@ -142,7 +142,9 @@ def test_check_kv_finished_while_preempted():
     ids = _ids(rng, 400)
     ov = {"mode": "sepllm", "num_sinks": 2, "sep_cap": 8, "window": 40}
     it = _item(ids[:200], ids[200:240], ov)
-    none = {"tokens": 0, "kv_retained": 0, "kv_evicted": 0, "peak_kv_blocks": 0}
+    none = {"tokens": 0, "kv_retained": 0, "kv_evicted": 0, "peak_kv_blocks": 0,
+            "preempted_at_finish": True}
     assert check_kv(it, none, SEPS, ENGINE, 256, 16, 2, True) == ([], False)
+    assert check_kv(it, none, SEPS, ENGINE, 256, 16, 2, False)[0]  # sync: its last step ran
     assert check_kv(it, none, SEPS, ENGINE, 256, 16, 0, True)[0]  # never preempted: flagged
     assert check_kv(it, dict(none, kv_retained=3), SEPS, ENGINE, 256, 16, 2, True)[0]

@@ -64,9 +64,11 @@ entry point, ``register_backend``, ``KVCacheSpecRegistry``, ``--scheduler-cls`` 
    uvicorn's ``should_exit``) but then exits with status 0, so a supervisor that restarts on
    failure (systemd ``Restart=on-failure``, a container restart policy) leaves it down.
    How: when the loop returns and the engine client of a SEPLLM server has errored (vLLM's own
-   test: ``errored and not is_running``, unless ``VLLM_KEEP_ALIVE_ON_ENGINE_DEATH``), raise
-   ``SystemExit(1)`` there: vLLM's engine-client context still shuts down as usual on the way
-   out, and ``vllm serve`` exits 1. A normal shutdown (SIGTERM, drained or not) is untouched.
+   test: ``errored and not is_running``, unless ``VLLM_KEEP_ALIVE_ON_ENGINE_DEATH``) without
+   anyone having asked it to shut down (``AsyncLLM.shutdown`` is wrapped to mark that: vLLM's
+   own shutdown also marks the engine dead), raise ``SystemExit(1)`` there: vLLM's
+   engine-client context still shuts down as usual on the way out, and ``vllm serve`` exits 1.
+   A normal shutdown (SIGTERM, drained or not) is untouched.
    Single API server only (``--api-server-count`` above 1 runs another loop). Removal: when
    vLLM exits non-zero after engine death.
 
@@ -246,6 +248,17 @@ def _exit_non_zero_on_engine_death() -> None:
     """Ledger item 8."""
     import sys
 
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    original_shutdown = AsyncLLM.shutdown
+
+    @functools.wraps(original_shutdown)
+    def shutdown(self, *args, **kwargs):
+        self._sepllm_shutdown_asked = True  # a stop, not a death (engine_died)
+        return original_shutdown(self, *args, **kwargs)
+
+    AsyncLLM.shutdown = shutdown
+
     # Only in an API server process (the module is loaded there before plugins are; also when
     # run as ``python -m vllm.entrypoints.openai.api_server``): no server imports elsewhere.
     for name in ("vllm.entrypoints.openai.api_server", "__main__"):
@@ -278,8 +291,10 @@ def engine_died(engine_client) -> bool:
     (``vllm.entrypoints.launcher.terminate_if_errored``)."""
     import vllm.envs as envs
 
-    return (not envs.VLLM_KEEP_ALIVE_ON_ENGINE_DEATH and bool(engine_client.errored)
-            and not engine_client.is_running and sepllm_selected(engine_client.vllm_config))
+    return (not envs.VLLM_KEEP_ALIVE_ON_ENGINE_DEATH
+            and not getattr(engine_client, "_sepllm_shutdown_asked", False)
+            and bool(engine_client.errored) and not engine_client.is_running
+            and sepllm_selected(engine_client.vllm_config))
 
 
 def _custom_is_ours() -> bool:
@@ -302,13 +317,15 @@ def engine_sepllm_config(vllm_config) -> SepLLMConfig:
     return from_additional_config(vllm_config.additional_config, environ={})
 
 
-def validate_request(vllm_config, extra_args) -> SepLLMConfig:
-    """The request's SepLLM config; ``ValueError`` (one line, naming the field) if invalid."""
+def validate_request(vllm_config, extra_args, engine: SepLLMConfig | None = None
+                     ) -> SepLLMConfig:
+    """The request's SepLLM config; ``ValueError`` (one line, naming the field) if invalid.
+    ``engine``: the engine's config, if the caller has it (else read from ``vllm_config``)."""
     if extra_args is not None and not isinstance(extra_args, dict):
         raise ValueError(f"extra_args must be an object, got {type(extra_args).__name__}")
     try:
         max_len = vllm_config.model_config.max_model_len
-        cfg = request_config(engine_sepllm_config(vllm_config), extra_args, max_len)
+        cfg = request_config(engine or engine_sepllm_config(vllm_config), extra_args, max_len)
         check_limits(cfg, max_len, "extra_args.sepllm")
         if cfg.pe_shift:
             _check_pe_shift_bound(vllm_config, cfg, "extra_args.sepllm")

@@ -99,7 +99,7 @@ class _SepLLMSchedulerMixin:
 
             extra = request.sampling_params.extra_args if request.sampling_params else None
             try:
-                cfg = validate_request(self.vllm_config, extra)
+                cfg = validate_request(self.vllm_config, extra, self.sepllm_config)
             except ValueError as e:
                 # The front end refuses bad settings (the same validate_request); if one gets
                 # here anyway (a client of the engine core itself), serve the request with the
@@ -267,11 +267,11 @@ class _SepLLMSchedulerMixin:
         """
         stats = self.sepllm_manager.request_stats(request.request_id,
                                                    request.num_computed_tokens)
-        if stats is None and request.num_output_tokens:
-            # Finished while preempted (async scheduling: its last token was in flight when
-            # the scheduler preempted it): it holds no KV now.
+        if stats is None and request.num_preemptions and request.num_output_tokens:
+            # Ends while preempted (finished with its last token in flight under async
+            # scheduling, or aborted while waiting to resume): it holds no KV now.
             stats = {"tokens": 0, "kv_retained": 0, "kv_evicted": 0, "retained_ratio": 0.0,
-                     "peak_kv_blocks": 0}
+                     "peak_kv_blocks": 0, "preempted_at_finish": True}
         freed, compactions = self._sepllm_request_counts.pop(request.request_id, (0, 0))
         if stats is not None:
             stats["kv_blocks_freed"] = freed
