@@ -248,17 +248,6 @@ def _exit_non_zero_on_engine_death() -> None:
     """Ledger item 8."""
     import sys
 
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    original_shutdown = AsyncLLM.shutdown
-
-    @functools.wraps(original_shutdown)
-    def shutdown(self, *args, **kwargs):
-        self._sepllm_shutdown_asked = True  # a stop, not a death (engine_died)
-        return original_shutdown(self, *args, **kwargs)
-
-    AsyncLLM.shutdown = shutdown
-
     # Only in an API server process (the module is loaded there before plugins are; also when
     # run as ``python -m vllm.entrypoints.openai.api_server``): no server imports elsewhere.
     for name in ("vllm.entrypoints.openai.api_server", "__main__"):
@@ -266,6 +255,24 @@ def _exit_non_zero_on_engine_death() -> None:
         if module is not None and hasattr(module, "build_and_serve") and hasattr(
                 module, "serve_http") and not getattr(module.serve_http, "_sepllm", False):
             module.serve_http = _serve_http_exiting_on_engine_death(module.serve_http)
+            _mark_requested_shutdowns()
+
+
+def _mark_requested_shutdowns() -> None:
+    """``AsyncLLM.shutdown`` marks its engine client: a stop, not a death (engine_died)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    original = AsyncLLM.shutdown
+    if getattr(original, "_sepllm", False):
+        return
+
+    @functools.wraps(original)
+    def shutdown(self, *args, **kwargs):
+        self._sepllm_shutdown_asked = True
+        return original(self, *args, **kwargs)
+
+    shutdown._sepllm = True
+    AsyncLLM.shutdown = shutdown
 
 
 def _serve_http_exiting_on_engine_death(original):
