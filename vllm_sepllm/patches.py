@@ -68,8 +68,9 @@ entry point, ``register_backend``, ``KVCacheSpecRegistry``, ``--scheduler-cls`` 
    anyone having asked it to shut down (``AsyncLLM.shutdown`` is wrapped to mark that: vLLM's
    own shutdown also marks the engine dead), raise ``SystemExit(1)`` there: vLLM's
    engine-client context still shuts down as usual on the way out, and ``vllm serve`` exits 1.
-   A normal shutdown (SIGTERM, drained or not) is untouched.
-   Single API server only (``--api-server-count`` above 1 runs another loop). Removal: when
+   A normal shutdown (SIGTERM, drained or not) exits as before; requests still open after it
+   end with an error (vLLM cancels its output handler, and an open stream would otherwise wait
+   until its client went away). Single API server only (``--api-server-count`` above 1 runs another loop). Removal: when
    vLLM exits non-zero after engine death.
 
 Also through vLLM's ``vllm.stat_logger_plugins`` entry point (an extension point, not a patch):
@@ -269,10 +270,29 @@ def _mark_requested_shutdowns() -> None:
     @functools.wraps(original)
     def shutdown(self, *args, **kwargs):
         self._sepllm_shutdown_asked = True
-        return original(self, *args, **kwargs)
+        handler = getattr(self, "output_handler", None)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _end_open_requests(self, handler)
 
     shutdown._sepllm = True
     AsyncLLM.shutdown = shutdown
+
+
+def _end_open_requests(async_llm, handler) -> None:
+    """After a shutdown, end the requests still open with an error: vLLM cancels its output
+    handler, and a request whose stream was waiting for output would wait until its client
+    went away (vLLM's ``--shutdown-timeout 0``, the default, with a stream in flight)."""
+    processor = getattr(async_llm, "output_processor", None)
+    if handler is None or processor is None or not processor.request_states:
+        return
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    try:  # shutdown runs in an executor thread: the queues belong to the server's loop
+        handler.get_loop().call_soon_threadsafe(processor.propagate_error, EngineDeadError())
+    except RuntimeError:  # the loop is closed: nothing waits any more
+        pass
 
 
 def _serve_http_exiting_on_engine_death(original):
