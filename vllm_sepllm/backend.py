@@ -44,6 +44,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+from vllm_sepllm import compat
 from vllm_sepllm.config import KV_CACHE_DTYPES, is_fp8_cache_dtype
 from vllm_sepllm.reference import (
     FP8,
@@ -419,8 +420,12 @@ class SepLLMBackend(AttentionBackend):
         return SepLLMMetadataBuilder
 
     @staticmethod
-    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:  # noqa: ANN001
         return [MultipleOf(16)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):  # noqa: ANN206 (vLLM 0.32+; see compat.py)
+        return compat.kv_cache_layouts()
 
     @staticmethod
     def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
@@ -488,6 +493,7 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
 
         On CUDA vLLM's ``reshape_and_cache_flash`` writes into strided K/V views of our
         [.., Hkv, 2D] layout with no host sync (graph-safe); the torch reference elsewhere."""
+        kv_cache = compat.slot_major(kv_cache)
         if self.flash is not None and kv_cache.is_cuda:
             key_cache, value_cache = kv_cache.split(self.head_size, dim=-1)
             self.flash.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping,
@@ -506,6 +512,7 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
             raise NotImplementedError("SEPLLM does not support fused output quantization")
         if attn_metadata is None:  # profiling run
             return output.fill_(0)
+        kv_cache = compat.slot_major(kv_cache)
         md = attn_metadata
         if md.decode_rows is None:
             return self._plain(layer, query, kv_cache, md, output)

@@ -204,12 +204,15 @@ class SepLLMManager(FullAttentionManager):
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int,
                                    new_computed_blocks: Sequence, total_computed_tokens: int,
                                    num_local_computed_tokens: int, num_tokens_main_model: int,
-                                   apply_admission_cap: bool = False) -> int:
+                                   apply_admission_cap: bool = False, **kwargs) -> int:
+        # kwargs: vLLM 0.32+'s ``prefill_end`` (a Mamba checkpoint rule; full attention
+        # ignores it), passed on to vLLM's own rule.
         if new_computed_blocks:
             # Admission with prefix-cache hits (nothing evicted yet, D = 0): vLLM's own rule.
             return super().get_num_blocks_to_allocate(
                 request_id, num_tokens, new_computed_blocks, total_computed_tokens,
-                num_local_computed_tokens, num_tokens_main_model, apply_admission_cap)
+                num_local_computed_tokens, num_tokens_main_model, apply_admission_cap,
+                **kwargs)
         # vLLM's rule on the cached tokens (num_tokens - D), written out: it runs for every
         # scheduled request every step (benchmarks/host_step.py). Without prefix hits, full
         # attention skips nothing and a request holds no evictable block, so vLLM's rule

