@@ -245,12 +245,17 @@ EXPECTATIONS: tuple[Expect, ...] = (
     E("vllm.v1.metrics.stats", "SchedulerStats", "class", decorated=r"^dataclass$",
       note="SepLLMSchedulerStats subclasses it (a plain dataclass; fields copied)"),
     # ------------------------------------------------------------------ ledger 8: API server
-    E("vllm.entrypoints.openai.api_server", "serve_http", "name",
-      note="ledger 8: the module attribute is wrapped (sys.modules lookup by this name)"),
-    E("vllm.entrypoints.openai.api_server", "build_and_serve", "function", local=True,
-      mentions=("await serve_http(",), body=True,
-      note="ledger 8: marks an API server module, and must call serve_http through this "
-           "module's global (defined here, not re-exported) for the wrapper to take effect"),
+    *(E(module, "serve_http", "name", versions=rng,
+        note="ledger 8: the module attribute is wrapped (sys.modules lookup by this name, "
+             "compat.API_SERVER_MODULES)")
+      for module, rng in (("vllm.entrypoints.openai.api_server", "<0.32"),
+                          ("vllm.entrypoints.launchers.api_server.entry", ">=0.32"))),
+    *(E(module, "build_and_serve", "function", local=True, versions=rng,
+        mentions=("await serve_http(",), body=True,
+        note="ledger 8: marks an API server module, and must call serve_http through this "
+             "module's global (defined here, not re-exported) for the wrapper to take effect")
+      for module, rng in (("vllm.entrypoints.openai.api_server", "<0.32"),
+                          ("vllm.entrypoints.launchers.api_server.entry", ">=0.32"))),
     E("vllm.entrypoints.launcher", "serve_http", "function", positional="app",
       returns="value", body=True, versions="<0.32",
       note="ledger 8: returns the shutdown coroutine (closed by the wrapper); reads app.state"),
@@ -319,10 +324,10 @@ EXPECTATIONS: tuple[Expect, ...] = (
       note="0.32+: in-flight output dropped by _preempt_request(..., drop_stale_output=True)"),
     E(SCHED, "Scheduler._preempt_request", "method", versions=">=0.32",
       params=("drop_stale_output",), mentions=("request.num_output_placeholders = 0",),
-      note="0.32+: the flag _sepllm_preempt would need; placeholders zeroed inside"),
-    E("vllm.v1.request", "Request.async_tokens_to_discard", "attr",
-      note="_sepllm_preempt sets it to num_output_placeholders after _preempt_request, as "
-           "0.26's reset_prefix_cache does"),
+      note="0.32+: compat.preempt_dropping_in_flight passes drop_stale_output=True"),
+    E("vllm.v1.request", "Request.async_tokens_to_discard", "attr", versions="<0.32",
+      note="0.26: compat.preempt_dropping_in_flight sets it to num_output_placeholders after "
+           "_preempt_request, as 0.26's reset_prefix_cache does"),
     E("vllm.v1.request", "Request.num_output_placeholders", "attr"),
     E(SCHED, "Scheduler.prev_step_scheduled_req_ids", "attr"),
     E(SCHED, "Scheduler.running", "attr", assigned=r"^\[\]$",
@@ -613,23 +618,6 @@ EXPECTATIONS: tuple[Expect, ...] = (
 #: ``--allow-known``; the test accepts exactly these. Drop an entry when the plugin is fixed
 #: (and turn its row into the version-specific expectation the fix relies on).
 KNOWN_ISSUES: dict[str, tuple[str, str]] = {
-    "vllm.entrypoints.openai.api_server:serve_http": (
-        ">=0.32",
-        "ledger 8 is a no-op from 0.32: the server moved to vllm.entrypoints.launchers "
-        "(openai.api_server only re-exports, without serve_http, and `vllm serve` no longer "
-        "imports it), so an API server whose engine died exits 0 again, and AsyncLLM.shutdown "
-        "is not wrapped either (open requests are not ended with an error at shutdown). "
-        "Wrap vllm.entrypoints.launchers.api_server.entry.serve_http there"),
-    "vllm.entrypoints.openai.api_server:build_and_serve": (
-        ">=0.32",
-        "same as serve_http: build_and_serve lives in launchers.api_server.entry and calls "
-        "that module's serve_http"),
-    "vllm.v1.request:Request.async_tokens_to_discard": (
-        ">=0.32",
-        "gone from 0.32: _sepllm_preempt's write is dead (and after _preempt_request, which "
-        "already zeroed num_output_placeholders); vLLM's own reset_prefix_cache passes "
-        "_preempt_request(request, ts, drop_stale_output=True), so stale in-flight output of a "
-        "request preempted and resumed in the same step is delivered instead of dropped"),
 }
 
 _ids = [e.id for e in EXPECTATIONS]

@@ -94,3 +94,27 @@ def slot_major(kv_cache):
             f"SEPLLM needs the LBNHC KV cache layout; got strides {tuple(kv_cache.stride())} "
             f"for shape {tuple(kv_cache.shape)} (VLLM_KV_CACHE_LAYOUT must be unset or LBNHC)")
     return out
+
+
+# ------------------------------------------------------------------------ scheduler
+def preempt_dropping_in_flight(scheduler, request, timestamp: float) -> None:
+    """Preempt ``request`` (already out of ``scheduler.running``) and drop, rather than
+    deliver, the output of its steps still in flight, as vLLM's own ``reset_prefix_cache``
+    does: the request may resume in this very step, and its recomputation samples those
+    positions again. 0.26: ``async_tokens_to_discard``; 0.32+: ``drop_stale_output``."""
+    if NEW_API:
+        scheduler._preempt_request(request, timestamp, drop_stale_output=True)
+        return
+    scheduler._preempt_request(request, timestamp)
+    request.async_tokens_to_discard = request.num_output_placeholders
+    request.num_output_placeholders = 0
+
+
+# ------------------------------------------------------------------------ API server
+#: Modules that hold the OpenAI API server's ``serve_http`` beside ``build_and_serve`` (ledger
+#: item 8): 0.26 ``vllm.entrypoints.openai.api_server``; 0.32+ moved the server into
+#: ``vllm.entrypoints.launchers`` (the old module re-exports ``build_and_serve`` only).
+API_SERVER_MODULES = (
+    ("vllm.entrypoints.launchers.api_server.entry",) if NEW_API
+    else ("vllm.entrypoints.openai.api_server",)
+) + ("__main__",)

@@ -186,6 +186,10 @@ def install() -> None:
     @functools.wraps(original_post_init)
     def __post_init__(self):
         original_post_init(self)
+        # vLLM 0.32+: a with_hf_config() view of a sub-model (multimodal) is not validated
+        # again by vLLM, nor by us: the parent config was.
+        if getattr(self.model_config, "is_submodel_config", False):
+            return
         if sepllm_selected(self):
             configure_engine(self)
 
@@ -255,7 +259,9 @@ def _exit_non_zero_on_engine_death() -> None:
 
     # Only in an API server process (the module is loaded there before plugins are; also when
     # run as ``python -m vllm.entrypoints.openai.api_server``): no server imports elsewhere.
-    for name in ("vllm.entrypoints.openai.api_server", "__main__"):
+    from vllm_sepllm.compat import API_SERVER_MODULES
+
+    for name in API_SERVER_MODULES:
         module = sys.modules.get(name)
         if module is not None and hasattr(module, "build_and_serve") and hasattr(
                 module, "serve_http") and not getattr(module.serve_http, "_sepllm", False):

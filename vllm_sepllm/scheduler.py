@@ -25,6 +25,7 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.request import Request
 
+from vllm_sepllm import compat
 from vllm_sepllm.config import SepLLMConfig
 from vllm_sepllm.instrument import TrackingAsyncScheduler, TrackingScheduler
 from vllm_sepllm.kv_manager import SepLLMManager
@@ -233,9 +234,7 @@ class _SepLLMSchedulerMixin:
         logger.debug("sepllm: request %s preempted: no free block to copy out its cache",
                      request.request_id)
         self.running.remove(request)
-        self._preempt_request(request, time.monotonic())
-        request.async_tokens_to_discard = request.num_output_placeholders
-        request.num_output_placeholders = 0
+        compat.preempt_dropping_in_flight(self, request, time.monotonic())
         # Preempted and possibly resumed in the same step: flushed from the persistent batch.
         self.prev_step_scheduled_req_ids.discard(request.request_id)
 
