@@ -35,9 +35,9 @@ def main() -> None:
     preemptions = []
     preempt = scheduler._preempt_request
 
-    def counting_preempt(request, timestamp):
+    def counting_preempt(request, timestamp, *args, **kwargs):  # 0.32+: drop_stale_output=
         preemptions.append(request.request_id)
-        return preempt(request, timestamp)
+        return preempt(request, timestamp, *args, **kwargs)
 
     scheduler._preempt_request = counting_preempt
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)

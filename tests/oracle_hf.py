@@ -23,8 +23,12 @@ lets query ``n`` see. Query ``t`` of step ``n`` sees ``C(n)`` and positions ``n.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import json
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -149,6 +153,48 @@ def _additive(visible: np.ndarray) -> torch.Tensor:
 
 
 @torch.inference_mode()
+@functools.lru_cache(maxsize=16)
+def _model_fingerprint(model_path: str) -> str:
+    """Hash of a model folder's files (config, weights): a cache key that changes with them."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_path).iterdir()):
+        if f.is_file() and f.suffix in (".json", ".safetensors"):
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def _disk_cached(fn):
+    """With ``SEPLLM_ORACLE_CACHE=DIR``, results are kept in DIR, keyed by the model's files and
+    every argument: CI runs the same references under two vLLM versions (the oracle does not
+    depend on vLLM), and computes each once. Unset: always computed."""
+
+    @functools.wraps(fn)
+    def wrapper(model_path, *args, **kwargs):
+        folder = os.environ.get("SEPLLM_ORACLE_CACHE")
+        if not folder:
+            return fn(model_path, *args, **kwargs)
+        args_key = json.dumps([fn.__name__, _model_fingerprint(str(model_path)),
+                               [sorted(a) if isinstance(a, (set, frozenset)) else a
+                                for a in args],
+                               {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+                                for k, v in sorted(kwargs.items())}], default=list)
+        path = Path(folder) / (hashlib.sha256(args_key.encode()).hexdigest() + ".json")
+        if path.exists():
+            return json.loads(path.read_text())
+        out = fn(model_path, *args, **kwargs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(path)
+        return out
+
+    return wrapper
+
+
+@_disk_cached
 def greedy_generate(
     model_path: str,
     prompt_ids: list[int],
