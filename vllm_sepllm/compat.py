@@ -118,3 +118,22 @@ API_SERVER_MODULES = (
     ("vllm.entrypoints.launchers.api_server.entry",) if NEW_API
     else ("vllm.entrypoints.openai.api_server",)
 ) + ("__main__",)
+
+
+# ------------------------------------------------------------------------ front end
+_REQUEST_ERROR: type | None = None
+
+
+def request_error(message: str) -> ValueError:
+    """The exception for a refused per-request setting: a ``ValueError`` on every version
+    (``LLM.generate`` callers catch that) that vLLM's server answers with HTTP 400. 0.26 maps a
+    ``ValueError`` to 400; from 0.32 on a plain ``ValueError`` raised while a request is added
+    becomes HTTP 500 (``EngineGenerateError``): only ``VLLMClientError`` subclasses give 400,
+    and vLLM's ``VLLMValidationError`` is one there (a ``ValueError`` subclass in 0.26)."""
+    global _REQUEST_ERROR
+    if _REQUEST_ERROR is None:
+        from vllm.exceptions import VLLMValidationError
+
+        _REQUEST_ERROR = VLLMValidationError if issubclass(VLLMValidationError, ValueError) \
+            else type("SepLLMRequestError", (VLLMValidationError, ValueError), {})
+    return _REQUEST_ERROR(message)

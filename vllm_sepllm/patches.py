@@ -159,6 +159,7 @@ import functools
 
 from vllm.logger import init_logger
 
+from vllm_sepllm.compat import request_error
 from vllm_sepllm.config import (
     KV_CACHE_DTYPES,
     SepLLMConfig,
@@ -181,6 +182,8 @@ DEFAULT_WORKERS = {
 }
 
 _installed = False
+#: vLLM's own choice of GPU model runner (``VllmConfig.use_v2_model_runner`` before item 4).
+_vllm_picks_v2 = None
 
 
 def install() -> None:
@@ -228,6 +231,8 @@ def install() -> None:
     VllmConfig.__post_init__ = __post_init__
 
     original_v2 = VllmConfig.use_v2_model_runner
+    global _vllm_picks_v2
+    _vllm_picks_v2 = original_v2.fget
 
     def use_v2_model_runner(self) -> bool:
         v2 = original_v2.fget(self)
@@ -396,7 +401,7 @@ def validate_request(vllm_config, extra_args, engine: SepLLMConfig | None = None
     """The request's SepLLM config; ``ValueError`` (one line, naming the field) if invalid.
     ``engine``: the engine's config, if the caller has it (else read from ``vllm_config``)."""
     if extra_args is not None and not isinstance(extra_args, dict):
-        raise ValueError(f"extra_args must be an object, got {type(extra_args).__name__}")
+        raise request_error(f"extra_args must be an object, got {type(extra_args).__name__}")
     try:
         max_len = vllm_config.model_config.max_model_len
         cfg = request_config(engine or engine_sepllm_config(vllm_config), extra_args, max_len)
@@ -404,7 +409,7 @@ def validate_request(vllm_config, extra_args, engine: SepLLMConfig | None = None
         if cfg.pe_shift:
             _check_pe_shift_bound(vllm_config, cfg, "extra_args.sepllm")
     except SepLLMConfigError as e:
-        raise ValueError(str(e)) from None
+        raise request_error(str(e)) from None
     return cfg
 
 
@@ -522,7 +527,8 @@ def _check_runner(vllm_config) -> None:
     if envs.VLLM_USE_V2_MODEL_RUNNER:
         _fail(f"VLLM_USE_V2_MODEL_RUNNER=1: SEPLLM cannot run on vLLM's V2 model runner here "
               f"({reason}); unset it or set it to 0")
-    logger.info("sepllm: V1 model runner (%s)", reason)
+    if _vllm_picks_v2(vllm_config):  # said only where vLLM itself would have run V2
+        logger.info("sepllm: V1 model runner (%s)", reason)
 
 
 def configure_engine(vllm_config) -> None:
