@@ -184,16 +184,22 @@ def separator_rate(prompts: list[list[int]], sep_ids: set[int]) -> float:
     return sum(t in sep_ids for p in prompts for t in p) / max(total, 1)
 
 
+#: What a benchmark prints, once, where it would have drawn a PNG but matplotlib is missing.
+NO_PLOT = "matplotlib not installed: no PNG"
+
+
 def pyplot():
-    """matplotlib's pyplot on the Agg backend, or None where matplotlib is not installed (it is
-    optional: every benchmark writes its JSON and exits 0 without it)."""
+    """matplotlib's pyplot on the Agg backend, or None where matplotlib is not installed or does
+    not import (it is optional: every benchmark writes its JSON and tables and exits 0 without
+    it, printing ``NO_PLOT``). The only place a benchmark imports matplotlib
+    (tests/test_bench_no_plot.py checks that)."""
     try:
         import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     except ImportError:
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     return plt
 
 

@@ -21,7 +21,7 @@ Shape: Llama-3-8B attention (Hq 32, Hkv 8, head size 128, bf16, block size 16).
   per-step (not per-layer) cost of ``prefill_key_meta``.
 
 Writes JSON (with GPU name, versions, commit) to ``--out`` and, if matplotlib imports, a PNG next
-to it.
+to it; ``--plot-only JSON`` (no GPU needed) reprints the summary table and redraws the PNG.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ sys.path.append(str(ROOT))
 
 import kernels  # noqa: E402
 import vllm_sepllm  # noqa: E402
-from benchmarks.common import environment, pyplot  # noqa: E402
+from benchmarks.common import NO_PLOT, environment, pyplot  # noqa: E402
 from kernels import load_compact_kv  # noqa: E402
 from kernels.decode import sepllm_decode  # noqa: E402
 from kernels.prefill import prefill_key_meta, sepllm_prefill  # noqa: E402
@@ -373,14 +373,45 @@ def plot(results: dict, path: Path) -> bool:
     return True
 
 
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def table(results: dict) -> str:
+    """One line per case: decode GB/s, compaction µs, prefill tokens/s (SepLLM | FA)."""
+    cols = {"decode": ["batch", "cache_len", "sepllm_gpu_us", "sepllm_gbps", "fa_gpu_us",
+                       "fa_gbps", "max_diff"],
+            "compact": ["batch", "layers", "cuda_gpu_us", "torch_gpu_us"],
+            "prefill": ["batch", "chunk", "cached_keys", "meta_us", "sepllm_gpu_us",
+                        "sepllm_tok_per_s", "fa_gpu_us", "fa_tok_per_s"]}
+    lines = [f"{results.get('env', {}).get('gpu')}, commit {results.get('env', {}).get('commit')}"]
+    for name, keys in cols.items():
+        rows = results.get(name) or []
+        if rows:
+            lines.append(f"{name}: " + " ".join(f"{k:>16}" for k in keys))
+            lines += [" " * (len(name) + 2) + " ".join(f"{_fmt(r.get(k)):>16}" for k in keys)
+                      for r in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="JSON path; the plot goes next to it (.png)")
+    p.add_argument("--out", help="JSON path; the plot goes next to it (.png)")
+    p.add_argument("--plot-only", metavar="JSON", type=Path,
+                   help="reprint the table and redraw the PNG (next to it) of a result")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--only", nargs="*", choices=["decode", "compact", "prefill", "fa_paging"],
                    default=["decode", "compact", "prefill"])
     args = p.parse_args()
+    if args.plot_only:
+        results = json.loads(args.plot_only.read_text())
+        print(table(results))
+        png = args.plot_only.with_suffix(".png")
+        print(f"plot: {png}" if plot(results, png) else NO_PLOT)
+        return
+    if not args.out:
+        p.error("--out is required (or --plot-only JSON)")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
 
@@ -402,7 +433,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     png = out.with_suffix(".png")
-    print(f"wrote {out}" + (f" and {png}" if plot(results, png) else " (no matplotlib: no plot)"))
+    print(table(results))
+    print(f"wrote {out}" + (f" and {png}" if plot(results, png) else
+                            f"; {NO_PLOT} (--plot-only {out} draws it)"))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import pyplot  # noqa: E402
+from benchmarks.common import NO_PLOT, pyplot  # noqa: E402
 
 #: (key in vLLM's result JSON, column header)
 COLUMNS = [("p50_ttft_ms", "TTFT p50 ms"), ("p99_ttft_ms", "TTFT p99 ms"),
@@ -127,7 +127,7 @@ def main() -> None:
     info = json.loads(meta.read_text()) if meta.exists() else {}
     title = f"{args.name}: {info.get('gpu', '?')}, commit {info.get('commit', '?')}"
     out = args.out or args.dir / f"{args.name}.png"
-    print(f"plot: {out}" if plot(runs, out, title) else "plot: matplotlib not installed, none")
+    print(f"plot: {out}" if plot(runs, out, title) else NO_PLOT)
 
 
 if __name__ == "__main__":

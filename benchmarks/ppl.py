@@ -20,7 +20,9 @@ long enough (same weights): RoPE at positions the model never saw in training, w
 Data: Jane Austen's six novels from the Debian package ``r-cran-janeaustenr`` (R data, read
 with PyPI ``rdata``; fetched with ``apt-get download``, cached under ~/.cache/vllm-sepllm/texts);
 if that fails, the public-domain texts of vllm_sepllm.testing.texts (the JSON says which).
-Writes ``benchmarks/results/cpu_ppl_<suite>.json`` and ``.png``.
+Writes ``benchmarks/results/cpu_ppl_<suite>.json`` and, where matplotlib imports, ``.png``;
+``--plot-only JSON`` (``.json`` or ``.json.xz``) reprints the table and redraws the plot of a
+result.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import lzma
 import math
 import os
 import re
@@ -41,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, pyplot  # noqa: E402
+from benchmarks.common import NO_PLOT, environment, pyplot  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
@@ -273,6 +276,42 @@ def plot(records: list[dict], rows: list[dict], native: int, out: Path, title: s
     return True
 
 
+def report(rows: list[dict], num_docs: int, tokens: int, source: str, native: int) -> str:
+    """The perplexity table of ``summarize``'s rows."""
+    lines = [f"Perplexity, {num_docs} x {tokens} tokens ({source}); SmolLM2 positions {native}",
+             f"{'run':28} {'c':>5} {'PPL all':>10} {f'PPL <{native}':>11} "
+             f"{f'PPL >={native}':>11} {'tok/s':>7} {'KV blocks':>9}"]
+    full = next((r for r in rows if r["run"] == "full"), None)
+    for r in rows:
+        lines.append(f"{r['run']:28} {r['budget'] or '-':>5} {r['ppl']:>10.3f} "
+                     f"{r['ppl_first_native']:>11.3f} {r['ppl_past_native']:>11.3f} "
+                     f"{r['tok_per_s']:>7.0f} {r['kv_peak_blocks'] or '-':>9}")
+    if full:
+        lines.append(f"gap to full attention on the first {native} tokens: " + ", ".join(
+            f"{r['run']} {r['ppl_first_native'] - full['ppl_first_native']:+.3f}"
+            for r in rows if r is not full))
+    return "\n".join(lines)
+
+
+def title(num_docs: int, tokens: int, source: str, chunk: int) -> str:
+    return f"SmolLM2-135M on CPU, {num_docs} x {tokens} tokens of {source}; chunk {chunk}"
+
+
+def plot_only(path: Path, segment: int, out: Path | None) -> None:
+    """Table and plot of a result JSON (``.json.xz`` read as is); the PNG goes to ``out`` or
+    next to the JSON."""
+    raw = path.read_bytes()
+    result = json.loads(lzma.decompress(raw) if path.suffix == ".xz" else raw)
+    native, records = result["max_position_embeddings"], result["runs"]
+    rows = summarize(records, native)
+    tokens = max(r["tokens"] for r in records)
+    print(report(rows, len(result["docs"]), tokens, result["source"], native))
+    png = out or (path.with_suffix("") if path.suffix == ".xz" else path).with_suffix(".png")
+    drawn = plot(records, rows, native, png,
+                 title(len(result["docs"]), tokens, result["source"], result["chunk"]), segment)
+    print(f"plot: {png}" if drawn else NO_PLOT)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", choices=sorted(SUITES), default="budgets")
@@ -288,8 +327,14 @@ def main() -> None:
     p.add_argument("--separators", default=None,
                    help="sepllm.separators for the SEPLLM engines (default: the config's, "
                         "'.,?!;:' plus space, tab, newline)")
-    p.add_argument("--out", default=None, help="JSON path (default: results/cpu_ppl_<suite>)")
+    p.add_argument("--out", default=None, help="JSON path (default: results/cpu_ppl_<suite>); "
+                                               "with --plot-only, the PNG path")
+    p.add_argument("--plot-only", metavar="JSON", type=Path,
+                   help="reprint the table and redraw the plot of a result (.json or .json.xz)")
     args = p.parse_args()
+    if args.plot_only:
+        plot_only(args.plot_only, args.segment, Path(args.out) if args.out else None)
+        return
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # documents pass 8K positions
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -314,19 +359,7 @@ def main() -> None:
         records += run_engine(args, model, group, docs)
     rows = summarize(records, native)
 
-    print(f"\nPerplexity, {len(docs)} x {len(docs[0][1])} tokens ({source}); SmolLM2 positions "
-          f"{native}")
-    print(f"{'run':28} {'c':>5} {'PPL all':>10} {f'PPL <{native}':>11} {f'PPL >={native}':>11} "
-          f"{'tok/s':>7} {'KV blocks':>9}")
-    full = next((r for r in rows if r["run"] == "full"), None)
-    for r in rows:
-        print(f"{r['run']:28} {r['budget'] or '-':>5} {r['ppl']:>10.3f} "
-              f"{r['ppl_first_native']:>11.3f} {r['ppl_past_native']:>11.3f} "
-              f"{r['tok_per_s']:>7.0f} {r['kv_peak_blocks'] or '-':>9}")
-    if full:
-        print(f"gap to full attention on the first {native} tokens: " + ", ".join(
-            f"{r['run']} {r['ppl_first_native'] - full['ppl_first_native']:+.3f}"
-            for r in rows if r is not full))
+    print("\n" + report(rows, len(docs), len(docs[0][1]), source, native))
     out = Path(args.out) if args.out else RESULTS / f"cpu_ppl_{args.suite}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"suite": args.suite, "source": source, "model": "SmolLM2-135M-Instruct",
@@ -336,10 +369,9 @@ def main() -> None:
               **environment()}
     out.write_text(json.dumps(result))
     drawn = plot(records, rows, native, out.with_suffix(".png"),
-                 f"SmolLM2-135M on CPU, {len(docs)} x {len(docs[0][1])} tokens of {source}; "
-                 f"chunk {args.chunk}", args.segment)
+                 title(len(docs), len(docs[0][1]), source, args.chunk), args.segment)
     print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if drawn
-                            else " (no matplotlib: no plot)"))
+                            else f"; {NO_PLOT} (--plot-only {out} draws it)"))
 
 
 if __name__ == "__main__":

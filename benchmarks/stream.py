@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     LLAMA3_8B,
+    NO_PLOT,
     environment,
     load_texts,
     make_dummy_model,
@@ -168,11 +169,14 @@ def main() -> None:
     p.add_argument("--kv-bytes", type=int, default=4 << 30)
     p.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     p.add_argument("--out", default="benchmarks/results/stream.json")
-    p.add_argument("--plot", metavar="JSON", help="only (re)draw the PNG of a result JSON")
+    p.add_argument("--plot", metavar="JSON",
+                   help="only reprint the summary and (re)draw the PNG of a result JSON")
     args = p.parse_args()
     if args.plot:
-        if not plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png")):
-            print("no matplotlib: no plot")
+        result = json.loads(Path(args.plot).read_text())
+        print(json.dumps(result["summary"], indent=1))
+        png = Path(args.plot).with_suffix(".png")
+        print(f"plot: {png}" if plot(result, png) else NO_PLOT)
         return
 
     from transformers import AutoTokenizer
@@ -262,7 +266,7 @@ def main() -> None:
     drawn = plot(result, out_path.with_suffix(".png"))
     print(json.dumps(summary, indent=1))
     print(f"wrote {out_path}" + (f" and {out_path.with_suffix('.png')}" if drawn else
-                                 f" (no matplotlib: no plot; --plot {out_path} draws it)"))
+                                 f"; {NO_PLOT} (--plot {out_path} draws it)"))
 
 
 if __name__ == "__main__":

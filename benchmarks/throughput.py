@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    NO_PLOT,
     SHAPES,
     WORKLOADS,
     environment,
@@ -529,7 +530,7 @@ def main() -> None:
         records = json.loads(Path(args.plot_only).read_text())
         print(report_table(records))
         png = Path(args.plot_only).with_suffix(".png")
-        print(f"plot: {png}" if plot(records, png) else "no matplotlib: no plot")
+        print(f"plot: {png}" if plot(records, png) else NO_PLOT)
         return
     if args.run:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
@@ -570,7 +571,7 @@ def main() -> None:
         out.write_text(json.dumps(records, indent=1))
         png = out.with_suffix(".png")
         print(f"wrote {out}" + (f" and {png}" if plot(records, png) else
-                                " (no matplotlib: no plot; --plot-only JSON redraws it)"))
+                                f"; {NO_PLOT} (--plot-only {out} draws it)"))
 
 
 if __name__ == "__main__":
