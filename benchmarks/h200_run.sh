@@ -18,7 +18,8 @@
 # own deadline is SOAK_S - 30, then SIGTERM, then SIGKILL 20 s later), SOAK_ARGS more flags;
 # writes $OUT/h200_soak.json and $OUT/soak.log), v2check (benchmarks/v2_check.py: V1 vs V2 model
 # runner, greedy tokens; V2_S, V2_ARGS), w2runner (W2 throughput, SEPLLM c356 on V1 then V2, no
-# replay; RUNNER_RUNS, RUNNER_ARGS, W_S).
+# replay; RUNNER_RUNS, RUNNER_ARGS, W_S), serve (benchmarks/serve.py: goodput at the latency SLOs
+# under vllm serve, FLASH_ATTN vs SEPLLM over a rate sweep; SERVE_* variables, see the step).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git_commit=$(cat .commit 2>/dev/null || echo unknown)
@@ -169,6 +170,21 @@ for step in "$@"; do
         --out "$OUT/h200_w2_runner.json" > "$OUT/w2_runner.log" 2>&1; echo "w2runner rc=$?"
       grep -v "Capturing CUDA graphs\|it/s\]" "$OUT/w2_runner.log" | tail -300 > "$OUT/w2r.tmp"; mv "$OUT/w2r.tmp" "$OUT/w2_runner.log"
       tail -12 "$OUT/w2_runner.log" ;;
+    serve)  # serving goodput, benchmarks/serve.py: SERVE_WORKLOAD (long-gen, long-prompt, chat),
+      # SERVE_BACKENDS, SERVE_RATES, SERVE_SPAN (s of arrivals a point), SERVE_BUDGET (s per
+      # backend, server start included), SERVE_ARGS more flags, SERVE_S the step's limit;
+      # writes $OUT/h200_serve_<workload>.json and serve_<workload>.log (+ server log tails)
+      for wl in ${SERVE_WORKLOAD:-long-gen}; do
+        CUDA_VISIBLE_DEVICES=0 timeout -k 10 ${SERVE_S:-560} python3 benchmarks/serve.py --workload $wl \
+          --backends ${SERVE_BACKENDS:-FLASH_ATTN SEPLLM:a4s64w256c356} --rates ${SERVE_RATES:-2 4} \
+          --span ${SERVE_SPAN:-60} --budget-s ${SERVE_BUDGET:-270} --max-num-seqs 512 \
+          --tokenizer-dir .gpu/tok --keep-logs ${SERVE_ARGS:-} --out "$OUT/h200_serve_$wl.json" \
+          > "$OUT/serve_$wl.log" 2>&1; echo "serve $wl rc=$?"
+        for f in "$OUT"/h200_serve_${wl}_*.server.log; do  # keep logs small: no progress bars
+          [ -f "$f" ] && { grep -v "Capturing CUDA graphs\|it/s\]\|s/it\]" "$f" | tail -150 > "$f.tmp"; mv "$f.tmp" "$f"; }
+        done
+        tail -20 "$OUT/serve_$wl.log"
+      done ;;
     cli) timeout ${CLI_S:-300} bash benchmarks/gpu_cli_check.sh "$OUT/cli" > "$OUT/cli.log" 2>&1; echo "cli rc=$?"; tail -20 "$OUT/cli.log" ;;
     *) echo "unknown step $step" ;;
   esac

@@ -377,7 +377,8 @@ def sweep(args) -> list[dict]:
 
     model, tok = model_and_tokenizer(args)
     sep_ids = set(separator_token_ids(tok, SepLLMConfig()))
-    rates = sorted(args.rates)
+    own = backend_rates(args)
+    rates = sorted(set(args.rates).union(*own.values()))
     counts = {r: args.num_prompts or max(args.min_prompts, math.ceil(r * args.span))
               for r in rates}
     n_max = max(counts.values())
@@ -424,7 +425,7 @@ def sweep(args) -> list[dict]:
             continue
         print(f"ready in {start_s} s", flush=True)
         try:
-            for rate in rates:
+            for rate in sorted(own.get(spec, args.rates)):
                 left = args.budget_s - (time.monotonic() - t_backend) - args.stop_margin_s
                 if left < 10:
                     records.append(dict(base_rec, request_rate=rate, skipped="backend budget"))
@@ -446,6 +447,24 @@ def sweep(args) -> list[dict]:
         finally:
             server.stop()
     return records
+
+
+def backend_rates(args) -> dict[str, list[float]]:
+    """``--backend-rates SPEC=R1,R2`` (repeatable): that backend's own rates instead of
+    ``--rates`` (e.g. each near its own capacity when a device call has room for few points)."""
+    out: dict[str, list[float]] = {}
+    for item in args.backend_rates:
+        spec, sep, rates = item.rpartition("=")
+        if not sep or spec not in args.backends:
+            raise SystemExit(f"--backend-rates {item!r}: expected SPEC=R1,R2 with SPEC one of "
+                             f"--backends {args.backends}")
+        try:
+            out[spec] = [float(r) for r in rates.split(",")]
+        except ValueError:
+            raise SystemExit(f"--backend-rates {item!r}: rates must be numbers") from None
+        if any(not 0 < r < math.inf for r in out[spec]):
+            raise SystemExit(f"--backend-rates {item!r}: rates must be positive and finite")
+    return out
 
 
 def point_line(r: dict) -> str:
@@ -547,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="FLASH_ATTN, default (no --attention-backend), SEPLLM, or "
                    "SEPLLM:<config> as throughput.py (a4s64w256, a4s64w256c356, ...)")
     p.add_argument("--rates", nargs="+", type=float, default=[1.0, 2.0, 4.0])
+    p.add_argument("--backend-rates", action="append", default=[], metavar="SPEC=R1,R2",
+                   help="one backend's own rates instead of --rates (repeat per backend)")
     p.add_argument("--span", type=float, default=60.0,
                    help="seconds of arrivals per point: rate x span requests")
     p.add_argument("--min-prompts", type=int, default=16)
