@@ -210,6 +210,8 @@ def server_command(args, model: str, backend: str, sepllm: dict | None, port: in
         cmd += ["--logits-processors", REPLAY]
     if args.max_num_seqs:
         cmd += ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.stream_interval != 1:
+        cmd += ["--stream-interval", str(args.stream_interval)]
     if args.max_num_batched_tokens:
         cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.kv_cache_memory_bytes:
@@ -371,82 +373,137 @@ def model_and_tokenizer(args) -> tuple[str, object]:
     return model, AutoTokenizer.from_pretrained(model)
 
 
-def sweep(args) -> list[dict]:
+def plan_of(args) -> dict[str, dict]:
+    """{workload: {"span": s, "rates": {backend spec: [rates]}}} from ``--plan`` (JSON text or a
+    file: ``{"long-gen": {"span": 75, "rates": {"FLASH_ATTN": [1.5], "SEPLLM:...": [5]}},
+    "chat": {"span": 30, "rates": [8, 16]}}``, a list of rates meaning every backend) or else
+    from ``--workload``, ``--rates``, ``--backend-rates`` and ``--span``."""
+    if args.plan:
+        text = Path(args.plan).read_text() if Path(args.plan).is_file() else args.plan
+        try:
+            raw = json.loads(text)
+        except ValueError as e:
+            raise SystemExit(f"--plan: not JSON nor a file: {e}") from None
+        plan = {}
+        for wl, item in raw.items():
+            if wl not in WORKLOADS:
+                raise SystemExit(f"--plan: unknown workload {wl!r} (one of {WORKLOADS})")
+            rates = item.get("rates", args.rates)
+            if isinstance(rates, list):
+                rates = {spec: rates for spec in args.backends}
+            unknown = set(rates) - set(args.backends)
+            if unknown:
+                raise SystemExit(f"--plan {wl}: rates for {sorted(unknown)}, not in --backends")
+            for spec, rs in rates.items():
+                if not rs or any(not isinstance(r, (int, float)) or not 0 < r < math.inf
+                                 for r in rs):
+                    raise SystemExit(f"--plan {wl} {spec}: rates must be positive numbers")
+            plan[wl] = {"span": float(item.get("span", args.span)),
+                        "rates": {k: [float(r) for r in v] for k, v in rates.items()}}
+        return plan
+    own = backend_rates(args)
+    return {args.workload: {"span": args.span,
+                            "rates": {spec: own.get(spec, args.rates) for spec in args.backends}}}
+
+
+def out_path(args, workload: str, several: bool) -> Path:
+    if "{workload}" in args.out:
+        return Path(args.out.format(workload=workload))
+    if several:
+        raise SystemExit("--out must contain {workload} when the plan has several workloads")
+    return Path(args.out)
+
+
+def sweep(args) -> dict[str, list[dict]]:
+    """Every backend in turn, one server each; every workload of the plan on it."""
     from vllm_sepllm.config import SepLLMConfig
     from vllm_sepllm.separators import separator_token_ids
 
     model, tok = model_and_tokenizer(args)
     sep_ids = set(separator_token_ids(tok, SepLLMConfig()))
-    own = backend_rates(args)
-    rates = sorted(set(args.rates).union(*own.values()))
-    counts = {r: args.num_prompts or max(args.min_prompts, math.ceil(r * args.span))
-              for r in rates}
-    n_max = max(counts.values())
-    prompts, conts = build_requests(args.workload, tok, n_max, args.seed, args.chat_max_prompt)
+    plan = plan_of(args)
     workdir = Path(tempfile.mkdtemp(prefix="sepllm_serve_"))
-    reqfile = workdir / "requests.json"
-    reqfile.write_text(json.dumps({"workload": args.workload, "requests": [
-        {"prompt_ids": p, "continuation": c} for p, c in zip(prompts, conts)]}))
-    expected = [tok.decode(c) for c in conts]
     env_info = environment()
-    common = {"workload": args.workload, "model": args.model_shape if not (args.cpu or args.model)
-              else Path(model).name,
-              "prompt_len": length_stats(prompts), "output_len": length_stats(conts),
-              "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
-              "replay": not args.no_replay, "max_model_len": args.max_model_len,
-              "max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes":
-              args.kv_cache_memory_bytes, "compilation": "fast-start" if args.fast_start
-              else ("eager" if args.cpu else "default"), "seed": args.seed}
-    print(f"{args.workload}: {n_max} requests, prompt {common['prompt_len']}, "
-          f"output {common['output_len']}, rates {rates}, model {model}", flush=True)
-    records: list[dict] = []
+    data: dict[str, dict] = {}
+    for wl, item in plan.items():
+        counts = {r: args.num_prompts or max(args.min_prompts, math.ceil(r * item["span"]))
+                  for rs in item["rates"].values() for r in rs}
+        n_max = max(counts.values())
+        prompts, conts = build_requests(wl, tok, n_max, args.seed, args.chat_max_prompt)
+        reqfile = workdir / f"requests_{wl}.json"
+        reqfile.write_text(json.dumps({"workload": wl, "requests": [
+            {"prompt_ids": p, "continuation": c} for p, c in zip(prompts, conts)]}))
+        common = {"workload": wl, "model": args.model_shape if not (args.cpu or args.model)
+                  else Path(model).name, "span_s": item["span"],
+                  "prompt_len": length_stats(prompts), "output_len": length_stats(conts),
+                  "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
+                  "replay": not args.no_replay, "max_model_len": args.max_model_len,
+                  "max_num_seqs": args.max_num_seqs, "stream_interval": args.stream_interval,
+                  "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
+                  "compilation": "fast-start" if args.fast_start
+                  else ("eager" if args.cpu else "default"), "seed": args.seed}
+        data[wl] = {"counts": counts, "prompts": prompts, "conts": conts, "reqfile": reqfile,
+                    "expected": [tok.decode(c) for c in conts], "common": common,
+                    "out": out_path(args, wl, len(plan) > 1), "records": []}
+        print(f"{wl}: {n_max} requests, prompt {common['prompt_len']}, output "
+              f"{common['output_len']}, rates {item['rates']}, model {model}", flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     if args.cpu:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.cpu_kv_gib))
+    first_out = next(iter(data.values()))["out"]
     for spec in args.backends:
         backend, sepllm, label = parse_run(spec)
         t_backend = time.monotonic()
         port = free_port()
         cmd = server_command(args, model, backend, sepllm, port)
-        logdir = Path(args.out).parent if args.keep_logs else workdir
-        log = logdir / f"{Path(args.out).stem}_{backend}_{label}.server.log"
+        logdir = first_out.parent if args.keep_logs else workdir
+        stem = first_out.stem if len(data) == 1 else args.out.split("{")[0].rstrip("_/") or "serve"
+        log = logdir / f"{Path(stem).name}_{backend}_{label}.server.log"
         print(f"=== {backend} {label}: {' '.join(cmd)}", flush=True)
         server = Server(cmd, port, log, env)
         ready = server.wait_ready(min(args.start_timeout, args.budget_s))
         start_s = round(time.monotonic() - t_backend, 1)
-        base_rec = dict(common, backend=backend, config=label, sepllm=sepllm,
-                        server_start_s=start_s, **env_info)
         if not ready:
             tail = log.read_text()[-3000:] if log.exists() else ""
             print(f"server did not start in {start_s} s:\n{tail}", flush=True)
-            records.append(dict(base_rec, error="server did not start", server_log_tail=tail))
+            for d in data.values():
+                d["records"].append(dict(d["common"], backend=backend, config=label,
+                                         sepllm=sepllm, server_start_s=start_s, **env_info,
+                                         error="server did not start", server_log_tail=tail))
+                write(d["out"], d["records"])
             server.stop()
             continue
         print(f"ready in {start_s} s", flush=True)
         try:
-            for rate in sorted(own.get(spec, args.rates)):
-                left = args.budget_s - (time.monotonic() - t_backend) - args.stop_margin_s
-                if left < 10:
-                    records.append(dict(base_rec, request_rate=rate, skipped="backend budget"))
-                    print(f"rate {rate:g}: skipped (budget)", flush=True)
-                    continue
-                n = counts[rate]
-                rec = run_point(args, server, model, reqfile, n, rate, left, workdir,
-                                f"{args.workload}_{backend}_{label}")
-                texts = rec.pop("_texts", None)
-                rec = dict(base_rec, **rec)
-                rec["prompt_separator_rate"] = round(separator_rate(prompts[:n], sep_ids), 4)
-                rec["output_separator_rate"] = round(separator_rate(conts[:n], sep_ids), 4)
-                if texts is not None and not args.no_replay:
-                    rec["replay_exact"] = round(
-                        sum(t == e for t, e in zip(texts, expected[:n])) / n, 4)
-                records.append(rec)
-                print(point_line(rec), flush=True)
-                write(args.out, records)
+            for wl, d in data.items():
+                base_rec = dict(d["common"], backend=backend, config=label, sepllm=sepllm,
+                                server_start_s=start_s, **env_info)
+                for rate in sorted(plan[wl]["rates"].get(spec, [])):
+                    left = args.budget_s - (time.monotonic() - t_backend) - args.stop_margin_s
+                    if left < 10:
+                        d["records"].append(dict(base_rec, request_rate=rate,
+                                                 skipped="backend budget"))
+                        print(f"{wl} rate {rate:g}: skipped (budget)", flush=True)
+                        continue
+                    n = d["counts"][rate]
+                    rec = run_point(args, server, model, d["reqfile"], n, rate, left, workdir,
+                                    f"{wl}_{backend}_{label}")
+                    texts = rec.pop("_texts", None)
+                    rec = dict(base_rec, **rec)
+                    rec["prompt_separator_rate"] = round(
+                        separator_rate(d["prompts"][:n], sep_ids), 4)
+                    rec["output_separator_rate"] = round(
+                        separator_rate(d["conts"][:n], sep_ids), 4)
+                    if texts is not None and not args.no_replay:
+                        rec["replay_exact"] = round(
+                            sum(t == e for t, e in zip(texts, d["expected"][:n])) / n, 4)
+                    d["records"].append(rec)
+                    print(f"{wl}: " + point_line(rec), flush=True)
+                    write(d["out"], d["records"])
         finally:
             server.stop()
-    return records
+    return {d["out"]: d["records"] for d in data.values()}
 
 
 def backend_rates(args) -> dict[str, list[float]]:
@@ -498,7 +555,7 @@ def summary(records: list[dict]) -> dict:
     return out
 
 
-def write(path: str, records: list[dict]) -> None:
+def write(path: str | Path, records: list[dict]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"records": records, "summary": summary(records)},
                                      indent=1))
@@ -568,6 +625,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", nargs="+", type=float, default=[1.0, 2.0, 4.0])
     p.add_argument("--backend-rates", action="append", default=[], metavar="SPEC=R1,R2",
                    help="one backend's own rates instead of --rates (repeat per backend)")
+    p.add_argument("--plan", default=None, metavar="JSON",
+                   help="several workloads on one server per backend (see plan_of)")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="vllm serve --stream-interval: tokens per streamed chunk after the first")
     p.add_argument("--span", type=float, default=60.0,
                    help="seconds of arrivals per point: rate x span requests")
     p.add_argument("--min-prompts", type=int, default=16)
@@ -604,12 +665,14 @@ def main(argv: list[str] | None = None) -> int:
         print(table(records))
         plot(records, Path(args.plot_only).with_suffix(".png"))
         return 0
-    records = sweep(args)
-    write(args.out, records)
-    print(table(records))
-    plot(records, Path(args.out).with_suffix(".png"))
-    print(f"wrote {args.out}")
-    return 0 if any("goodput" in r for r in records) else 1
+    ok = False
+    for out, records in sweep(args).items():
+        write(out, records)
+        print(f"--- {out}")
+        print(table(records))
+        plot(records, out.with_suffix(".png"))
+        ok = ok or any("goodput" in r for r in records)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
