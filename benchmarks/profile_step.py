@@ -36,6 +36,11 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--model", default=None, help="HF folder (default: Llama-3-8B shape, dummy)")
+    p.add_argument("--load-format", default=None,
+                   help="vLLM load format for --model (e.g. dummy: a config-only folder, such "
+                        "as a tiny Llama for the host phases on CPU)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV pool size (on CPU, instead of a share of the machine's memory)")
     p.add_argument("--top", type=int, default=70)
     p.add_argument("--timeline", type=int, default=0, metavar="N",
                    help="instead of cProfile: wall time of steady decode steps, then "
@@ -59,6 +64,10 @@ def main() -> None:
     if args.model is None:
         args.model = str(make_dummy_model(work / "llama3-8b", ROOT / ".gpu" / "tok", LLAMA3_8B))
         kwargs["load_format"] = "dummy"
+    elif args.load_format:
+        kwargs["load_format"] = args.load_format
+    if args.kv_cache_memory_bytes:
+        kwargs["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
     tok = AutoTokenizer.from_pretrained(args.model)
     n, plen, olen = args.num_requests, args.prompt_len, args.output_len
     prompts, conts = real_prompts_and_continuations(tok, n, plen, olen, seed=0)
