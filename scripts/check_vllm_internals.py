@@ -356,6 +356,9 @@ EXPECTATIONS: tuple[Expect, ...] = (
     *(E("vllm.v1.request", f"Request.{a}", "member") for a in (
         "request_id", "num_computed_tokens", "num_prompt_tokens", "all_token_ids",
         "sampling_params", "num_preemptions", "num_output_tokens")),
+    E("vllm.v1.request", "Request._all_token_ids", "attr",
+      note="scheduler.py reads the list behind all_token_ids (one id per request per step; "
+           "falls back to all_token_ids without it)"),
     # ------------------------------------------------------------------ kv_manager.py
     E("vllm.utils.math_utils", "cdiv", "function", exact=("a", "b")),
     E("vllm.v1.core.kv_cache_utils", "KVCacheBlock.block_id", "field"),

@@ -7,11 +7,14 @@ blocks its cached tokens need (``cdiv(n - D + q, block_size)``), never more than
 is vLLM's own rule applied to the cached tokens, the step's plan carries as many KV moves as its
 compactions produced, the blocks held plus the free blocks are the pool, and the pool (sized
 for the retained KV, not the logical lengths) never forces a preemption. At the end no block and
-no cache record is left.
+no cache record is left. The cache table's rows agree with the block lists after every step,
+and the batched scheduler's plans equal those of the per-request path (the manager without its
+table) step by step.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from benchmarks.common import real_prompts_and_continuations
@@ -62,10 +65,65 @@ def test_scheduler_loop_keeps_exact_block_accounting(model_path, tokenizer, cach
             assert mgr.get_num_blocks_to_allocate(rid, n + 1, [], n, n, n + 1) == \
                 FullAttentionManager.get_num_blocks_to_allocate(mgr, rid, need, [], n, n, need)
         evictions += len(plan.compactions)
+        mgr.check_table()
         held = sum(len(b) for b in mgr.req_to_blocks.values())
         assert held + pool.get_num_free_blocks() == NUM_BLOCKS - 1  # block 0: the null block
         assert not any(r.num_preemptions for r in sched.requests.values())
         assert steps < 2000
     assert evictions > 0
-    assert not mgr.caches and not any(mgr.req_to_blocks.values())
+    assert not mgr.caches and not mgr.dropped and not any(mgr.req_to_blocks.values())
+    assert mgr.table is not None and not len(mgr.table)
     assert pool.get_num_free_blocks() == NUM_BLOCKS - 1
+
+
+@pytest.mark.parametrize("cache_size", [None, 120])
+def test_batched_plans_equal_per_request_plans(model_path, tokenizer, cache_size):
+    """Two SEPLLM schedulers on the same requests in lockstep, one with the cache table (the
+    batched path), one without (every record a RequestCache, as before the table): every
+    step's plan carries the same D, compactions, retention, copy-outs and number of moves, the
+    managers hold the same records and block counts, and every finished request reports the
+    same KV figures (blocks freed by compaction, compactions included)."""
+    cfg = {"num_sinks": 4, "sep_cap": 16, "window": 64}
+    if cache_size is not None:
+        cfg["cache_size"] = cache_size
+    prompts, conts = real_prompts_and_continuations(tokenizer, 24, 300, 160, seed=5)
+    drivers = []
+    figures: list[dict] = [{}, {}]
+    for use_table in (True, False):
+        sched = build("SEPLLM", model_path, cfg, NUM_BLOCKS, max_num_seqs=24, max_batched=256)
+        sched.sepllm_manager.use_table = use_table
+
+        def free(request, *a, __orig=sched._free_request, __out=figures[len(drivers)], **k):
+            kv_params, ec_params = __orig(request, *a, **k)
+            __out[request.request_id] = kv_params["sepllm"]
+            return kv_params, ec_params
+
+        sched._free_request = free
+        drivers.append(Driver(sched, prompts, conts, 150))
+    batched_rows = steps = 0
+    while drivers[0].sched.requests:
+        plans = []
+        for d in drivers:
+            d.step()
+            plans.append(getattr(d.last_output, PLAN_ATTR))
+        a, b = plans
+        assert a.dropped == b.dropped and a.compactions == b.compactions
+        assert a.retention == b.retention and a.masked_single == b.masked_single
+        assert a.block_ids.keys() == b.block_ids.keys()
+        assert len(a.src) == len(b.src) == len(a.dst)
+        assert isinstance(a.src, np.ndarray)
+        ma, mb = (d.sched.sepllm_manager for d in drivers)
+        assert ma.dropped == mb.dropped
+        assert {r: len(v) for r, v in ma.req_to_blocks.items()} == \
+            {r: len(v) for r, v in mb.req_to_blocks.items()}
+        batched_rows += len(ma.table or ())
+        assert not len(mb.table or ())
+        steps += 1
+        assert steps < 2000
+    assert not drivers[1].sched.requests
+    assert batched_rows > 1000
+    assert len(figures[0]) == 24 and figures[0] == figures[1]
+    assert sum(f["compactions"] for f in figures[0].values()) > 24
+    assert sum(f["kv_blocks_freed"] for f in figures[0].values()) > 24
+    assert not drivers[0].sched.sepllm_manager.caches
+    assert not drivers[1].sched.sepllm_manager.caches

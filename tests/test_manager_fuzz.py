@@ -11,7 +11,13 @@ one being scheduled), run the step (chunked prefill or one decode token; a new t
 sampled when the request caught up), stand-alone eviction (running but unscheduled requests
 are evicted too), abort, preempt (re-admitted later from ``num_computed = 0`` with all its
 tokens as the prompt), finish; plus a whole-batch step (evict every running request, then
-allocate for each in order, then run them all).
+allocate for each in order, then run them all). In the batched cases (``BATCHED_CASES``,
+``PREFIX_BATCHED_CASES``) the whole-batch step evicts as ``SepLLMScheduler.schedule`` does,
+through ``SepLLMManager.evict_batch`` (the cache table for most requests: decode steps,
+batched eviction's catch-up, prefill chunks up to its step bound; the per-request path for
+the others, copy-outs included), while single-request operations keep using ``evict``, so
+records move between the table and the per-request path; the table's rows (block ids, inverse
+index, separators) are checked against the manager's block lists after every operation.
 
 The worker is mirrored too: per request, the worker's block list (truncated to the kept
 blocks after a compaction, extended by the new blocks of each allocation) and a simulated
@@ -66,6 +72,7 @@ import random
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,8 +128,9 @@ class Req:
 
 class Fuzzer:
     def __init__(self, seed: int, num_usable: int, reserve_full_isl: bool, max_live: int,
-                 cache_size: int | None = None):
+                 cache_size: int | None = None, batched: bool = False):
         self.rng = rng = random.Random(seed)
+        self.batched = batched
         self.num_usable = num_usable
         # BlockPool takes block 0 as the null block: one more than the usable blocks.
         self.pool = BlockPool(num_gpu_blocks=self.num_usable + 1, enable_caching=False,
@@ -254,6 +262,63 @@ class Fuzzer:
         assert req.kv == cache.slots
         assert len(self.blocks_of(req)) == cdiv(len(cache), BLOCK_SIZE)
 
+    def evict_all_batched(self) -> None:
+        """``SepLLMScheduler.schedule``'s eviction: ``evict_batch`` over every running request
+        with computed tokens; the worker runs all moves (reads before writes) through each
+        request's old block list, then truncates. Each compacted request's cache must then be
+        ``R(n)``, its moves what its worker needs, its blocks what its cache needs."""
+        m = self.mgr
+        reqs = [r for r in self.running if r.num_computed]
+        if not reqs:
+            return
+        old_blocks = {r.rid: list(r.wblocks) for r in reqs}
+        deferred: list = []
+
+        def no_preempt(i: int) -> None:
+            raise AssertionError("no copy-out without prefix caching")
+
+        ev = m.evict_batch([r.rid for r in reqs],
+                           np.array([r.num_computed for r in reqs], dtype=np.int64),
+                           [r.tokens for r in reqs], lambda i: reqs[i].retention, SEP_IDS,
+                           deferred, no_preempt)
+        self.stats["evict_batch"] += 1
+        self.stats["evict_batched_rows"] += ev.num_batched
+        self.pool.free_blocks(deferred)
+        src, dst = ev.src.tolist(), ev.dst.tolist()
+        assert len(src) == len(dst) == len(ev.owner)
+        assert set(src).isdisjoint(dst) and len(set(dst)) == len(dst)
+        vals = [(self.phys_owner[sl], self.phys_pos[sl]) for sl in src]
+        for d, (owner, pos) in zip(dst, vals):
+            self.phys_owner[d], self.phys_pos[d] = owner, pos
+        for k, rid in enumerate(ev.rids):
+            req = self.reqs[rid]
+            old = old_blocks[rid]
+            pos_of = {old[i // BLOCK_SIZE] * BLOCK_SIZE + i % BLOCK_SIZE: p
+                      for i, p in enumerate(req.kv)}
+            sel = ev.owner == k
+            moved = {d: pos_of[sl] for sl, d in zip(ev.src[sel].tolist(),
+                                                     ev.dst[sel].tolist())}
+            new_len = len(req.kv) - int(ev.evicted[k])
+            kept = int(ev.kept[k])
+            assert kept == len(self.blocks_of(req)) == cdiv(new_len, BLOCK_SIZE)
+            assert int(ev.freed[k]) == len(old) - kept
+            req.wblocks = old[:kept]
+            req.kv = [moved.get(sl, pos_of.get(sl)) for sl in (
+                req.wblocks[i // BLOCK_SIZE] * BLOCK_SIZE + i % BLOCK_SIZE
+                for i in range(new_len))]
+            cache = m.caches[rid]
+            assert cache.slots == req.kv and cache.num_computed == req.num_computed
+            assert sorted(req.kv) == retained_positions(req.tokens, req.num_computed,
+                                                        SEP_IDS, req.retention)
+            assert int(ev.dropped[k]) == m.num_dropped(rid) == req.num_computed - new_len
+            self.stats["evict_nonempty"] += 1
+            self.stats["moves"] += int(sel.sum())
+            self.stats["blocks_freed"] += len(old) - kept
+        compacted = set(ev.rids)
+        for req in reqs:
+            if req.rid not in compacted:
+                assert req.wblocks == self.blocks_of(req)
+
     def demand(self, req: Req, num_tokens: int, **kw) -> int:
         """``get_num_blocks_to_allocate`` called as the coordinator calls it (positional),
         cross-checked against the keyword form."""
@@ -367,9 +432,12 @@ class Fuzzer:
         """A batch step: evict every running request, then allocate for each in order
         (preempting on shortage), admit waiting ones while blocks last (not after a
         preemption, like vLLM), then run all scheduled requests still running."""
-        for req in list(self.running):
-            if req.num_computed:
-                self.evict(req)
+        if self.batched:
+            self.evict_all_batched()
+        else:
+            for req in list(self.running):
+                if req.num_computed:
+                    self.evict(req)
         scheduled: dict[str, tuple[Req, int]] = {}
         preempted_before = self.stats["preempt"]
         for req in list(self.running):
@@ -399,7 +467,7 @@ class Fuzzer:
         running = self.running
         kind = rng.choices(
             ["add", "step", "step_all", "evict", "abort", "preempt", "finish"],
-            weights=[4, 30, 6, 5, 0.5, 0.5, 0.5],
+            weights=getattr(self, "op_weights", [4, 30, 6, 5, 0.5, 0.5, 0.5]),
         )[0]
         if kind == "add" or not live:
             if len(live) >= self.max_live:
@@ -433,6 +501,7 @@ class Fuzzer:
     # ------------------------------------------------------------------ invariants
     def check(self) -> None:
         m, pool = self.mgr, self.pool
+        m.check_table()
         held = [b for blocks in m.req_to_blocks.values() for b in blocks]
         held_ids = [b.block_id for b in held]
         free_ids = [b.block_id for b in pool.free_block_queue.get_all_free_blocks()]
@@ -512,6 +581,27 @@ def test_manager_invariants_fuzz(seed, num_blocks, reserve_full_isl, max_live, c
     print(f"seed {seed}: {num_ops} ops, {f.num_usable} blocks, {elapsed:.2f}s, {dict(s)}")
 
 
+#: Whole-batch steps through ``evict_batch``: (seed, usable blocks, admission gate, max live,
+#: c).
+BATCHED_CASES = [(30, 64, True, 16, None), (31, 128, False, 24, None), (32, 96, False, 24, 96)]
+
+
+@pytest.mark.parametrize("seed,num_blocks,reserve_full_isl,max_live,cache_size", BATCHED_CASES)
+def test_manager_batched_fuzz(seed, num_blocks, reserve_full_isl, max_live, cache_size):
+    f = Fuzzer(seed, num_blocks, reserve_full_isl, max_live, cache_size, batched=True)
+    f.op_weights = [4, 10, 26, 5, 0.5, 0.5, 0.5]  # mostly whole-batch steps
+    for _ in range(OPS_PER_SEED):
+        f.stats["op_" + f.op()] += 1
+        f.check()
+    f.drain()
+    s = f.stats
+    assert s["evict_batch"] > 300, s
+    assert s["evict_batched_rows"] > (2_000 if cache_size is None else 100), s
+    assert s["evict_nonempty"] > 200 and s["moves"] > 0 and s["blocks_freed"] > 0, s
+    assert s["finish"] > 0 and s["preempt"] > 0, s
+    print(f"batched seed {seed}: {dict(s)}")
+
+
 # ====================================================================== prefix caching
 #: Prefix caching on (vLLM's default): (seed, usable blocks, admission gate, max live, c). The
 #: cases with a c batch eviction (``cache_size``): every request's key is then "causal", so
@@ -555,8 +645,9 @@ class PrefixFuzzer(Fuzzer):
     """
 
     def __init__(self, seed: int, num_usable: int, reserve_full_isl: bool, max_live: int,
-                 cache_size: int | None = None):
+                 cache_size: int | None = None, batched: bool = False):
         self.rng = rng = random.Random(seed)
+        self.batched = batched
         self.num_usable = num_usable
         init_none_hash(sha256)  # vLLM's default prefix_caching_hash_algo
         self.hasher = get_request_block_hasher(BLOCK_SIZE, sha256)
@@ -730,6 +821,83 @@ class PrefixFuzzer(Fuzzer):
         times = Counter(b.block_id for b in deferred)
         assert all(self.pool.blocks[bid].ref_cnt >= k for bid, k in times.items())
         self.pool.free_blocks(deferred)
+        return plan, moves
+
+    def evict_step_batched(self, reqs: list[PrefixReq]):
+        """:meth:`evict_step` as ``SepLLMScheduler.schedule`` runs it: one ``evict_batch``
+        over the requests whose prompt is computed (a copy-out short of free blocks preempts
+        its request at once, through the callback); then each compacted request's new cache,
+        through its old and new block lists and the moves, must be ``R(n)``. Returns the plan
+        in :meth:`evict_step`'s form."""
+        m, bs = self.mgr, BLOCK_SIZE
+        assert not m.copied_out
+        tail = 1 if self.cache_size is None else 0
+        cands = []
+        for req in reqs:
+            if not req.num_computed:
+                continue
+            if req.num_computed < req.num_prompt - tail:
+                self.stats["evict_held_prompt"] += 1
+                continue
+            cands.append(req)
+        if not cands:
+            return [], ([], [])
+        old_ids = {r.rid: list(r.wblocks) for r in cands}
+        deferred: list = []
+
+        def preempt(i: int) -> None:
+            self.stats["copyout_short_preempt"] += 1
+            self.preempt(cands[i])
+
+        ev = m.evict_batch([r.rid for r in cands],
+                           np.array([r.num_computed for r in cands], dtype=np.int64),
+                           [r.tokens for r in cands], lambda i: cands[i].retention, SEP_IDS,
+                           deferred, preempt)
+        self.stats["evict_batch"] += 1
+        self.stats["evict_batched_rows"] += ev.num_batched
+        assert all(cands[i].status == WAITING for i in ev.preempted)
+        src_all, dst_all = ev.src.tolist(), ev.dst.tolist()
+        assert set(src_all).isdisjoint(dst_all) and len(set(dst_all)) == len(dst_all)
+        assert m.copied_out <= set(ev.rids)
+        self.stats["copyout"] += len(m.copied_out)
+        m.copied_out.clear()
+        times = Counter(b.block_id for b in deferred)
+        assert all(self.pool.blocks[bid].ref_cnt >= k for bid, k in times.items())
+        self.pool.free_blocks(deferred)
+        plan: list[tuple[PrefixReq, int, int, int]] = []
+        moves: tuple[list[int], list[int]] = ([], [])
+        for k, rid in enumerate(ev.rids):
+            req = self.reqs[rid]
+            old = old_ids[rid]
+            new_ids = self.blocks_of(req)
+            sel = ev.owner == k
+            src, dst = ev.src[sel].tolist(), ev.dst[sel].tolist()
+            new_len = len(req.kv) - int(ev.evicted[k])
+            assert len(new_ids) == int(ev.kept[k]) == cdiv(new_len, bs)
+            pos_at = {old[i // bs] * bs + i % bs: p for i, p in enumerate(req.kv)}
+            moved = {d: pos_at[sl] for sl, d in zip(src, dst)}
+            new_kv = []
+            for i in range(new_len):
+                sl = new_ids[i // bs] * bs + i % bs
+                new_kv.append(moved[sl] if sl in moved else pos_at[sl])
+            cache = m.caches[rid]
+            assert new_kv == cache.slots and cache.num_computed == req.num_computed
+            assert sorted(new_kv) == retained_positions(req.tokens, req.num_computed, SEP_IDS,
+                                                        req.retention)
+            assert all(b.block_hash is None and b.ref_cnt == 1
+                       for b in m.req_to_blocks[rid]), "not private"
+            req.kv = new_kv
+            req.wblocks = new_ids
+            plan.append((req, req.incarnation, len(moves[0]), len(moves[0]) + len(src)))
+            moves[0].extend(src)
+            moves[1].extend(dst)
+            self.stats["evict_nonempty"] += 1
+            self.stats["moves"] += len(src)
+            self.stats["blocks_freed"] += len(set(old) - set(new_ids))
+        compacted = set(ev.rids)
+        for req in cands:
+            if req.status == RUNNING and req.rid not in compacted:
+                assert req.wblocks == self.blocks_of(req)
         return plan, moves
 
     def evict_one(self, req: PrefixReq, moves, deferred):
@@ -1011,7 +1179,10 @@ class PrefixFuzzer(Fuzzer):
             self.run(req, num_new)
 
     def step_all(self) -> None:
-        plan = self.evict_step(list(self.running))
+        if self.batched:
+            plan = self.evict_step_batched(list(self.running))
+        else:
+            plan = self.evict_step(list(self.running))
         scheduled: dict[str, tuple[PrefixReq, int]] = {}
         preempted_before = self.stats["preempt"]  # a copy-out's preemption does not count
         for req in list(self.running):
@@ -1041,7 +1212,7 @@ class PrefixFuzzer(Fuzzer):
         live = list(self.reqs.values())
         kind = rng.choices(
             ["add", "step", "step_all", "evict", "abort", "preempt", "finish"],
-            weights=[6, 24, 12, 4, 0.5, 0.5, 0.5],
+            weights=getattr(self, "op_weights", [6, 24, 12, 4, 0.5, 0.5, 0.5]),
         )[0]
         if kind == "add" or not live:
             if len(live) >= self.max_live:
@@ -1070,6 +1241,7 @@ class PrefixFuzzer(Fuzzer):
     # ------------------------------------------------------------------ invariants
     def check(self) -> None:
         m, pool, bs = self.mgr, self.pool, BLOCK_SIZE
+        m.check_table()
         held = Counter(b.block_id for blocks in m.req_to_blocks.values() for b in blocks)
         free_ids = [b.block_id for b in pool.free_block_queue.get_all_free_blocks()]
         assert pool.get_num_free_blocks() == len(free_ids) == len(set(free_ids))
@@ -1170,6 +1342,29 @@ def test_manager_prefix_caching_fuzz(seed, num_blocks, reserve_full_isl, max_liv
     PREFIX_STATS[seed] = s
     print(f"prefix seed {seed}: {PREFIX_OPS} ops, {f.num_usable} blocks, "
           f"{time.perf_counter() - t0:.2f}s, {dict(s)}")
+
+
+#: Prefix caching with whole-batch steps through ``evict_batch``.
+PREFIX_BATCHED_CASES = [(40, 64, True, 12, None), (48, 96, False, 16, 80)]
+
+
+@pytest.mark.parametrize("seed,num_blocks,reserve_full_isl,max_live,cache_size",
+                         PREFIX_BATCHED_CASES)
+def test_manager_prefix_batched_fuzz(seed, num_blocks, reserve_full_isl, max_live,
+                                     cache_size):
+    f = PrefixFuzzer(seed, num_blocks, reserve_full_isl, max_live, cache_size, batched=True)
+    f.op_weights = [6, 8, 28, 4, 0.5, 0.5, 0.5]  # mostly whole-batch steps
+    for _ in range(PREFIX_OPS // 2):
+        f.stats["op_" + f.op()] += 1
+        f.check()
+    f.drain()
+    s = f.stats
+    assert s["evict_batch"] > 300, s
+    assert s["evict_batched_rows"] > (1_000 if cache_size is None else 150), s
+    assert s["copyout"] > 20 and s["hit_blocks_verified"] == s["hit_blocks"] > 50, s
+    assert s["evict_nonempty"] > 300 and s["moves"] > 500, s
+    assert s["finish"] > 20 and s["preempt"] > 0, s
+    print(f"prefix batched seed {seed}: {dict(s)}")
 
 
 def test_prefix_fuzz_totals():

@@ -10,6 +10,14 @@ vLLM's full-attention manager plus, per request, a :class:`~vllm_sepllm.policy.R
 * ``pop_blocks_for_free`` (finish, abort, preemption) drops the request's record with its
   blocks.
 
+Per step the scheduler evicts for all running requests at once (:meth:`SepLLMManager.
+evict_batch`): requests whose records fit a :class:`~vllm_sepllm.cache_table.CacheTable` (a
+separator cap, decode-sized steps, no shared blocks) advance in one batched numpy operation,
+with their block ids mirrored in the table to turn moves into physical slots; the others go
+through :meth:`SepLLMManager.evict` one by one (first eviction, copy-out, long prefill chunks,
+no separator cap) and join the table afterwards where they can. ``D`` of every record is in
+:attr:`SepLLMManager.dropped` (vLLM's per-request block hooks read it).
+
 Prefix caching (vLLM's, unchanged: hashes, hits, LRU) works as long as no hashed or shared
 block is ever written. A request registers blocks only while its cache is still laid out by
 position (nothing evicted yet: ``D = 0``); its first eviction copies the retained tokens out
@@ -22,7 +30,10 @@ entries for every other request. The scheduler defers eviction until the prompt 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Sequence
+import operator
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
@@ -33,7 +44,14 @@ from vllm.v1.core.single_type_kv_cache_manager import (
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+from vllm_sepllm.cache_table import I64, CacheTable
 from vllm_sepllm.policy import Compaction, RequestCache, Retention
+
+#: Most positions a record in the cache table advances by in one batched step (a longer step,
+#: e.g. a prefill chunk, goes through ``RequestCache``); with ``cache_size`` at least
+#: ``c - (a + s + w)`` plus a few steps, up to this bound.
+TABLE_MAX_STEP = 256
+TABLE_MAX_STEP_CAP = 4096
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,12 +77,90 @@ class SepLLMSpec(FullAttentionSpec):
         return min(full, cdiv(tokens, self.block_size) * self.page_size_bytes)
 
 
+@dataclasses.dataclass
+class BatchEviction:
+    """What :meth:`SepLLMManager.evict_batch` did.
+
+    ``rids[k]``: the requests that evicted tokens, with ``evicted[k]`` tokens dropped, ``D``
+    (``dropped[k]``) now, ``kept[k]`` blocks kept and ``freed[k]`` blocks freed, ``rows[k]`` the
+    cache-table row that evicted (-1: the per-request path); ``src``/``dst``:
+    all their KV moves as physical slots (``owner[j]``: index into ``rids`` of move ``j``).
+    ``preempted``: indices (into the batch) of requests whose copy-out found no free block
+    (the caller's ``preempt`` already ran for them). ``num_batched``: requests the cache table
+    advanced (the others went through :meth:`SepLLMManager.evict`)."""
+
+    rids: list[str]
+    evicted: np.ndarray
+    dropped: np.ndarray
+    kept: np.ndarray
+    freed: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+    owner: np.ndarray
+    preempted: list[int]
+    rows: np.ndarray
+    num_batched: int = 0
+
+
+class _Records(Mapping):
+    """``SepLLMManager.caches``: every request's record as a ``RequestCache`` (read-only for
+    records in the cache table: a snapshot). For tests, benchmarks and probes; the hot paths use
+    the table and :attr:`SepLLMManager.dropped`."""
+
+    def __init__(self, mgr: SepLLMManager) -> None:
+        self._mgr = mgr
+
+    def __getitem__(self, rid: str) -> RequestCache:
+        mgr = self._mgr
+        cache = mgr._py.get(rid)
+        if cache is not None:
+            return cache
+        table = mgr.table
+        if table is not None and rid in table.row_of:
+            return table.snapshot(table.row_of[rid])
+        raise KeyError(rid)
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._mgr.dropped
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._mgr.dropped))
+
+    def __len__(self) -> int:
+        return len(self._mgr.dropped)
+
+
+def _pick(seq: Sequence, idx: np.ndarray) -> list:
+    """``[seq[i] for i in idx]`` in one C-level call."""
+    if idx.size == len(seq):
+        return seq if isinstance(seq, list) else list(seq)
+    if idx.size == 1:
+        return [seq[int(idx[0])]]
+    if not idx.size:
+        return []
+    return list(operator.itemgetter(*idx.tolist())(seq))
+
+
 class SepLLMManager(FullAttentionManager):
     """Full-attention block manager whose requests hold only their retained tokens."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.caches: dict[str, RequestCache] = {}
+        #: Records kept as ``RequestCache`` (the others are rows of :attr:`table`).
+        self._py: dict[str, RequestCache] = {}
+        #: Every record, read-only (see :class:`_Records`).
+        self.caches = _Records(self)
+        #: ``D`` of every request that has a record (the record registry).
+        self.dropped: dict[str, int] = {}
+        #: Batched records (created by the first :meth:`evict_batch`).
+        self.table: CacheTable | None = None
+        #: Per request [blocks freed by compaction, compactions] not counted in a table row
+        #: (records outside the table, and rows that left it); see :meth:`take_counts`.
+        self.py_counts: dict[str, list[int]] = {}
+        #: Records dropped so far (the scheduler notices preemptions in vLLM's schedule()).
+        self.num_records_popped = 0
+        #: False: every record stays a ``RequestCache`` (the per-request path; tests compare).
+        self.use_table = True
         #: Blocks returned to the pool by compaction since start-up (a metric).
         self.num_blocks_freed = 0
         #: Tokens a waiting request is assumed to need at admission (set by the scheduler):
@@ -95,10 +191,14 @@ class SepLLMManager(FullAttentionManager):
         Returns None when a copy-out needs fresh blocks the pool cannot give: the request's
         record is then inconsistent with its blocks and the caller must preempt it.
         """
-        cache = self.caches.get(request_id)
+        cache = self._py.get(request_id)
         if cache is None:
-            cache = self.caches[request_id] = RequestCache(retention, sep_ids,
-                                                           self.cache_size)
+            if self.table is not None and request_id in self.table.row_of:
+                cache = self._untable(request_id)
+            else:
+                cache = self._py[request_id] = RequestCache(retention, sep_ids,
+                                                            self.cache_size)
+                self.dropped[request_id] = 0
         blocks = self.req_to_blocks[request_id]
         is_private = None
         tight = False
@@ -120,6 +220,7 @@ class SepLLMManager(FullAttentionManager):
         compaction = cache.advance(num_computed, token_ids, self.block_size, is_private)
         if not compaction.num_evicted:
             return compaction
+        self.dropped[request_id] = cache.num_evicted
         if compaction.blocks is not None:
             return self._copy_out(request_id, compaction, slot_moves, deferred_free, tight)
         bs = self.block_size
@@ -197,8 +298,201 @@ class SepLLMManager(FullAttentionManager):
 
     def num_dropped(self, request_id: str) -> int:
         """``D`` of the request (tokens dropped so far; 0 without a record)."""
-        cache = self.caches.get(request_id)
-        return 0 if cache is None else cache.num_evicted
+        return self.dropped.get(request_id, 0)
+
+    def num_computed_of(self, request_id: str) -> int | None:
+        """``num_computed`` of the request's record (None without one)."""
+        cache = self._py.get(request_id)
+        if cache is not None:
+            return cache.num_computed
+        table = self.table
+        row = None if table is None else table.row_of.get(request_id)
+        return None if row is None else int(table.n[row])
+
+    # -------------------------------------------------------------- batched eviction
+    def _untable(self, request_id: str) -> RequestCache:
+        """Move the request's record out of the table (its counters to :attr:`py_counts`)."""
+        cache, freed, comps = self.table.remove(request_id)
+        if freed or comps:
+            c = self.py_counts.setdefault(request_id, [0, 0])
+            c[0] += freed
+            c[1] += comps
+        self._py[request_id] = cache
+        return cache
+
+    def _table_for(self, sep_ids: Collection[int]) -> CacheTable:
+        if self.table is None:
+            step = TABLE_MAX_STEP
+            if self.cache_size is not None:
+                step = min(max(step, self.cache_size + 64), TABLE_MAX_STEP_CAP)
+            self.table = CacheTable(sep_ids, self.cache_size, max_step=step,
+                                    max_window=(1 << 14) if self.use_table else -1)
+        return self.table
+
+    def evict_batch(self, rids: Sequence[str], num_computed: np.ndarray,
+                    token_lists: Sequence[Sequence[int]],
+                    retention_of: Callable[[int], Retention], sep_ids: Collection[int],
+                    deferred_free: list[KVCacheBlock],
+                    preempt: Callable[[int], None]) -> BatchEviction:
+        """:meth:`evict` for every request ``rids[i]`` (``num_computed[i] > 0`` computed
+        tokens, ids ``token_lists[i]``, retention ``retention_of(i)``, asked only where a
+        record is created), as ``SepLLMScheduler.schedule`` needs it each step.
+
+        Records in the cache table advance together (no per-request Python beyond reading the
+        token ids that leave the window); the others, and table rows whose step the table does
+        not take (see :meth:`CacheTable.fits`; with prefix caching, a record that evicted
+        nothing yet, which may hold shared blocks), go through :meth:`evict` in batch order
+        and then join the table where their retention allows. Freed blocks go to
+        ``deferred_free`` (see :meth:`evict`); ``preempt(i)`` runs at once for a request
+        whose copy-out found no free block."""
+        table = self._table_for(sep_ids)
+        bs = self.block_size
+        c = self.cache_size
+        rows = table.rows_of(rids)
+        in_table = rows >= 0
+        trows = np.where(in_table, rows, 0)
+        if c is None:
+            due = in_table & (num_computed > table.n[trows])
+        else:
+            due = in_table & (num_computed - table.D[trows] > c)
+        fast = due & table.fits(trows, num_computed)
+        if self.enable_caching:
+            fast &= table.D[trows] > 0
+        # (num_computed below the record's: RequestCache.advance raises, let it)
+        back = in_table & (num_computed < table.n[trows])
+        slow = np.flatnonzero(~in_table | (due & ~fast) | back)
+
+        # Per request, in batch order: records outside the table, long steps, copy-outs.
+        out_rids: list[str] = []
+        out_evicted: list[int] = []
+        out_kept: list[int] = []
+        out_freed: list[int] = []
+        owners: list[int] = []
+        src_l: list[int] = []
+        dst_l: list[int] = []
+        preempted: list[int] = []
+        for i in slow.tolist():
+            rid = rids[i]
+            n = int(num_computed[i])
+            if c is not None and not in_table[i]:
+                cache = self._py.get(rid)
+                if cache is not None and n - cache.num_evicted <= c:
+                    # RequestCache.advance's own early return, without the call; a record
+                    # that left the table (a per-request evict) comes back.
+                    if table.accepts(cache.retention):
+                        del self._py[rid]
+                        table.add(rid, cache, [b.block_id for b in self.req_to_blocks[rid]])
+                    continue
+            j = len(src_l)
+            freed = self.num_blocks_freed
+            comp = self.evict(rid, n, token_lists[i], retention_of(i), sep_ids,
+                              (src_l, dst_l), deferred_free)
+            if comp is None:
+                preempted.append(i)
+                preempt(i)
+                continue
+            if comp.num_evicted:
+                freed = self.num_blocks_freed - freed
+                owners += [len(out_rids)] * (len(src_l) - j)
+                out_rids.append(rid)
+                out_evicted.append(comp.num_evicted)
+                out_kept.append(len(self.req_to_blocks[rid]))
+                out_freed.append(freed)
+                if freed:
+                    self.py_counts.setdefault(rid, [0, 0])[0] += freed
+            cache = self._py[rid]
+            if table.accepts(cache.retention):
+                del self._py[rid]
+                table.add(rid, cache, [b.block_id for b in self.req_to_blocks[rid]])
+        n_py = len(out_rids)
+        src = np.asarray(src_l, dtype=I64)
+        dst = np.asarray(dst_l, dtype=I64)
+        owner = np.asarray(owners, dtype=I64)
+        evicted = np.asarray(out_evicted, dtype=I64)
+        kept = np.asarray(out_kept, dtype=I64)
+        freed_a = np.asarray(out_freed, dtype=I64)
+
+        # The table's records, at once.
+        bi = np.flatnonzero(fast)
+        if bi.size:
+            brows = rows[bi]
+            st = table.advance(brows, num_computed[bi], _pick(token_lists, bi))
+            hit = np.flatnonzero(st.evicted)
+            if hit.size:
+                hrows = brows[hit]
+                # Moves as physical slots, through the block lists before the tail is freed.
+                mrows = brows[st.move_batch]
+                t_src = table.physical(mrows, st.src, bs)
+                t_dst = table.physical(mrows, st.dst, bs)
+                local = np.full(bi.size, -1, dtype=I64)
+                local[hit] = np.arange(n_py, n_py + hit.size, dtype=I64)
+                keep = -(-st.length[hit] // bs)
+                t_freed = table.nb[hrows] - keep
+                t_freed[t_freed < 0] = 0
+                hrids = table.owner[hrows].tolist()
+                for k in np.flatnonzero(t_freed).tolist():
+                    rid, row, kk = hrids[k], int(hrows[k]), int(keep[k])
+                    blocks = self.req_to_blocks[rid]
+                    tail = blocks[kk:]
+                    del blocks[kk:]
+                    tail.reverse()  # the last block first: vLLM's order of eviction priority
+                    self._release(tail, deferred_free)
+                    table.nb[row] = kk
+                total = int(t_freed.sum())
+                self.num_blocks_freed += total
+                table.freed[hrows] += t_freed
+                t_dropped = table.D[hrows]
+                self.dropped.update(zip(hrids, t_dropped.tolist()))
+                out_rids += hrids
+                src = np.concatenate((src, t_src))
+                dst = np.concatenate((dst, t_dst))
+                owner = np.concatenate((owner, local[st.move_batch]))
+                evicted = np.concatenate((evicted, st.evicted[hit]))
+                kept = np.concatenate((kept, table.nb[hrows]))
+                freed_a = np.concatenate((freed_a, t_freed))
+        dropped = np.fromiter(map(self.dropped.__getitem__, out_rids[:n_py]), dtype=I64,
+                              count=n_py)
+        if len(out_rids) > n_py:
+            dropped = np.concatenate((dropped, t_dropped))
+        rows_out = np.full(len(out_rids), -1, dtype=I64)
+        if len(out_rids) > n_py:
+            rows_out[n_py:] = hrows
+        return BatchEviction(out_rids, evicted, dropped, kept, freed_a, src, dst, owner,
+                             preempted, rows_out, int(bi.size))
+
+    def count_compactions(self, rids: Sequence[str], rows: np.ndarray) -> None:
+        """One more compaction sent to the workers for each of ``rids`` (records; ``rows``:
+        their table rows as :meth:`evict_batch` gave them, -1 for the others)."""
+        in_table = rows >= 0
+        if in_table.any():
+            self.table.comps[rows[in_table]] += 1  # (distinct rows)
+        for i in np.flatnonzero(~in_table).tolist():
+            self.py_counts.setdefault(rids[i], [0, 0])[1] += 1
+
+    def take_counts(self, request_id: str) -> tuple[int, int]:
+        """(blocks freed by compaction, compactions) of the request so far, and reset."""
+        freed, comps = self.py_counts.pop(request_id, (0, 0))
+        table = self.table
+        row = None if table is None else table.row_of.get(request_id)
+        if row is not None:
+            freed += int(table.freed[row])
+            comps += int(table.comps[row])
+            table.freed[row] = table.comps[row] = 0
+        return freed, comps
+
+    def check_table(self) -> None:
+        """Assert every table row agrees with the request's block list and with itself
+        (tests)."""
+        table = self.table
+        if table is None:
+            return
+        assert not set(table.row_of) & set(self._py)
+        assert set(table.row_of) | set(self._py) == set(self.dropped)
+        for rid, row in table.row_of.items():
+            table.check_row(row)
+            ids = [b.block_id for b in self.req_to_blocks.get(rid, ())]
+            assert table.blk[row, : table.nb[row]].tolist() == ids, rid
+            assert self.dropped[rid] == table.D[row], rid
 
     # -------------------------------------------------------------- vLLM overrides
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int,
@@ -218,7 +512,7 @@ class SepLLMManager(FullAttentionManager):
         # attention skips nothing and a request holds no evictable block, so vLLM's rule
         # reduces to the blocks the cached tokens need beyond those held
         # (tests/test_manager_fuzz.py compares it with vLLM's own).
-        num_tokens -= self.num_dropped(request_id)
+        num_tokens -= self.dropped.get(request_id, 0)
         if apply_admission_cap and self.admission_token_cap is not None:
             num_tokens = min(num_tokens, self.admission_token_cap)
         held = self.req_to_blocks.get(request_id)
@@ -226,7 +520,7 @@ class SepLLMManager(FullAttentionManager):
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int,
                             num_tokens_main_model: int):
-        dropped = self.num_dropped(request_id)
+        dropped = self.dropped.get(request_id, 0)
         held = self.req_to_blocks.get(request_id)
         if (held is not None and cdiv(num_tokens - dropped, self.block_size) <= len(held)
                 and request_id not in self._partial_hit_reqs):
@@ -235,6 +529,9 @@ class SepLLMManager(FullAttentionManager):
             request_id, num_tokens - dropped, num_tokens_main_model - dropped
         )
         if new_blocks:  # the count only grows here
+            table = self.table
+            if table is not None and (row := table.row_of.get(request_id)) is not None:
+                table.append_blocks(row, [b.block_id for b in new_blocks])
             held = len(self.req_to_blocks[request_id])
             if held > self.peak_blocks.get(request_id, 0):
                 self.peak_blocks[request_id] = held
@@ -245,8 +542,7 @@ class SepLLMManager(FullAttentionManager):
         evicted tokens, retained ratio, and the most blocks held at once."""
         if not num_computed:
             return None
-        cache = self.caches.get(request_id)
-        evicted = 0 if cache is None else cache.num_evicted
+        evicted = self.dropped.get(request_id, 0)
         # Tokens computed after the last eviction are retained (they are not evicted yet).
         retained = num_computed - evicted
         return {
@@ -259,7 +555,12 @@ class SepLLMManager(FullAttentionManager):
 
     def pop_blocks_for_free(self, request_id: str):
         # Every way out (finish, abort, preemption, vLLM's deferred free) comes through here.
-        self.caches.pop(request_id, None)
+        # A preempted request's counters stay in py_counts until it finishes (take_counts).
+        if self.dropped.pop(request_id, None) is not None:
+            self.num_records_popped += 1
+            if self._py.pop(request_id, None) is None:
+                self._untable(request_id)
+                del self._py[request_id]
         self.peak_blocks.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 

@@ -19,7 +19,11 @@ the first prompt chunk on (bounded memory for prompts longer than the pool allow
 from __future__ import annotations
 
 import dataclasses
+import operator
 import time
+from itertools import compress, repeat
+
+import numpy as np
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -37,6 +41,16 @@ logger = init_logger("vllm." + __name__)
 #: Attribute of ``SchedulerOutput`` that carries the plan to the workers.
 PLAN_ATTR = "sepllm_plan"
 
+# Per-request fields read for all running requests at once (C-level map, no Python loop).
+_NUM_COMPUTED = operator.attrgetter("num_computed_tokens")
+_NUM_PROMPT = operator.attrgetter("num_prompt_tokens")
+_REQUEST_ID = operator.attrgetter("request_id")
+_TOKEN_IDS = operator.attrgetter("all_token_ids")
+# The plain list behind all_token_ids (a ConstantList, whose item access is a Python call):
+# the batched eviction reads one id per request per step (scripts/check_vllm_internals.py).
+_RAW_TOKEN_IDS = operator.attrgetter("_all_token_ids")
+_MULTI = (1).__lt__  # q > 1: a row with more than one token this step
+
 
 @dataclasses.dataclass
 class StepPlan:
@@ -48,17 +62,18 @@ class StepPlan:
     attention mask keeps, for the requests with more than one token this step (decode rows
     need no mask; none at all with ``cache_size``). ``compactions``: the requests compacted
     this step and how many blocks each keeps. ``src``/``dst``: the KV moves of all of them,
-    as physical slots, to run at once. ``block_ids``: the new block list of each request
-    whose cache was copied out of shared blocks this step (kv_manager.py). ``masked_single``:
-    requests with one token this step that still need the mask (a one-token prompt chunk
-    before the prompt's eviction, exact mode with prefix caching).
+    as physical slots, to run at once (int64 numpy arrays, or lists). ``block_ids``: the new
+    block list of each request whose cache was copied out of shared blocks this step
+    (kv_manager.py). ``masked_single``: requests with one token this step that still need
+    the mask (a one-token prompt chunk before the prompt's eviction, exact mode with prefix
+    caching).
     """
 
     dropped: dict[str, int]
     retention: dict[str, Retention]
     compactions: dict[str, int]
-    src: list[int]
-    dst: list[int]
+    src: np.ndarray | list[int]
+    dst: np.ndarray | list[int]
     block_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     masked_single: list[str] = dataclasses.field(default_factory=list)
 
@@ -86,10 +101,10 @@ class _SepLLMSchedulerMixin:
         cap = self.sepllm_config.max_cache_tokens
         if cap is not None and not self.sepllm_defer:
             self.sepllm_manager.admission_token_cap = cap + self.max_num_scheduled_tokens
-        # Counter increments since the last make_stats (vllm:sepllm_*, metrics.py).
+        # Counter increments since the last make_stats (vllm:sepllm_*, metrics.py); per
+        # request, the blocks freed by compaction and the compactions are counted by the
+        # manager (take_counts), reported at finish.
         self.sepllm_stats = SepLLMStepStats()
-        # per request: [blocks freed by compaction, compactions], reported at finish
-        self._sepllm_request_counts: dict[str, list[int]] = {}
         self._sepllm_retention: dict[str, Retention] = {}
 
     # ------------------------------------------------------------------ per request
@@ -119,20 +134,13 @@ class _SepLLMSchedulerMixin:
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
-        # Runs for every running request every step: keep it lean (at 512 running requests a
-        # decode step on the H200 is host-bound, benchmarks/README.md).
+        # Runs every step for every running request: batched (at 512 running requests a
+        # decode step on the H200 is host-bound, benchmarks/README.md). Per-request Python
+        # only where a request's step is not a plain batched one (SepLLMManager.evict_batch).
         t0 = time.perf_counter()
         mgr = self.sepllm_manager
-        caches = mgr.caches
         stats = self.sepllm_stats
-        sep_ids = self.sepllm_sep_ids
         cache_size = mgr.cache_size
-        src: list[int] = []
-        dst: list[int] = []
-        moves = (src, dst)
-        # request -> (blocks kept, its moves src[i:j], blocks freed)
-        compacted: dict[str, tuple[int, int, int, int]] = {}
-        freed_before = mgr.num_blocks_freed
         defer = self.sepllm_defer
         # With prefix caching a prompt is evicted only once computed: with exact eviction up
         # to its last token (a last one-token chunk is then a plain decode row), with batched
@@ -140,61 +148,71 @@ class _SepLLMSchedulerMixin:
         prompt_tail = 1 if cache_size is None else 0
         deferred: list[Request] = []
         deferred_free: list = []
-        for request in list(self.running) if defer else self.running:
-            n = request.num_computed_tokens
-            if not n:
-                continue
-            if defer and n < request.num_prompt_tokens - prompt_tail:
-                deferred.append(request)  # its blocks stay as they are (registered)
-                continue
-            rid = request.request_id
-            if cache_size is not None:
-                # RequestCache.advance's own early return, tested here to skip two calls per
-                # request on the steps where batched eviction is not due.
-                cache = caches.get(rid)
-                if cache is not None and n - cache.num_evicted <= cache_size:
-                    continue
-            i = len(src)
-            freed = mgr.num_blocks_freed
-            comp = mgr.evict(rid, n, request.all_token_ids, self._retention_of(request),
-                             sep_ids, moves, deferred_free)
-            if comp is None:
-                self._sepllm_preempt(request)
-            elif comp.num_evicted:
-                stats.evicted_tokens += comp.num_evicted
-                compacted[rid] = (len(mgr.req_to_blocks[rid]), i, len(src),
-                                  mgr.num_blocks_freed - freed)
+        freed_before = mgr.num_blocks_freed
+        running = self.running
+        ev = None
+        if running:
+            num = len(running)
+            ns = np.fromiter(map(_NUM_COMPUTED, running), dtype=np.int64, count=num)
+            take = ns > 0
+            if defer:
+                prompts = np.fromiter(map(_NUM_PROMPT, running), dtype=np.int64, count=num)
+                held = take & (ns < prompts - prompt_tail)
+                if held.any():  # their blocks stay as they are (registered)
+                    deferred = [running[i] for i in np.flatnonzero(held).tolist()]
+                    take &= ~held
+            idx = np.flatnonzero(take)
+            reqs = list(running) if idx.size == num else [running[i] for i in idx.tolist()]
+            if reqs:
+                try:
+                    token_lists = list(map(_RAW_TOKEN_IDS, reqs))
+                except AttributeError:  # another vLLM: the public view
+                    token_lists = list(map(_TOKEN_IDS, reqs))
+                ev = mgr.evict_batch(
+                    list(map(_REQUEST_ID, reqs)), ns[idx], token_lists,
+                    lambda i: self._retention_of(reqs[i]), self.sepllm_sep_ids,
+                    deferred_free, lambda i: self._sepllm_preempt(reqs[i]))
         if deferred_free:
             mgr.block_pool.free_blocks(deferred_free)
         stats.freed_blocks += mgr.num_blocks_freed - freed_before
+        if ev is not None:
+            stats.evicted_tokens += int(ev.evicted.sum())
         stats.eviction_seconds += time.perf_counter() - t0
 
-        # per request: [blocks freed, compactions sent to the workers], reported at finish
-        counts = self._sepllm_request_counts
-        for rid, (_, _, _, freed) in compacted.items():
-            if freed:
-                counts.setdefault(rid, [0, 0])[0] += freed
-
+        popped_before = mgr.num_records_popped
         output = super().schedule(*args, **kwargs)
 
-        if any(rid not in caches for rid in compacted):
-            # vLLM's schedule() preempted requests (their records and blocks are gone): drop
-            # their moves.
-            compacted = {rid: c for rid, c in compacted.items() if rid in caches}
-            src = [x for _, i, j, _ in compacted.values() for x in moves[0][i:j]]
-            dst = [x for _, i, j, _ in compacted.values() for x in moves[1][i:j]]
-        for rid in compacted:
-            counts.setdefault(rid, [0, 0])[1] += 1
-        stats.compactions += len(compacted)
+        if ev is not None and ev.rids:
+            rids, kept, dropped_d, rows = ev.rids, ev.kept, ev.dropped, ev.rows
+            src, dst = ev.src, ev.dst
+            if mgr.num_records_popped != popped_before:
+                # vLLM's schedule() preempted requests (their records and blocks are gone):
+                # drop their moves.
+                alive = np.fromiter(map(mgr.dropped.__contains__, rids), dtype=bool,
+                                    count=len(rids))
+                if not alive.all():
+                    keep = alive[ev.owner]
+                    src, dst = src[keep], dst[keep]
+                    rids = list(compress(rids, alive))
+                    kept, dropped_d, rows = kept[alive], dropped_d[alive], rows[alive]
+            mgr.count_compactions(rids, rows)
+            compactions = dict(zip(rids, kept.tolist()))
+            dropped = dict(zip(rids, dropped_d.tolist()))
+        else:
+            compactions, dropped = {}, {}
+            src = dst = np.empty(0, dtype=np.int64)
+        stats.compactions += len(compactions)
         stats.moved_tokens += len(src)
 
         scheduled = output.num_scheduled_tokens
-        dropped = {rid: caches[rid].num_evicted for rid in compacted}
-        dropped.update((rid, 0) for rid in scheduled if rid not in caches)
+        # Requests that start (again) from an empty cache: D = 0.
+        fresh = scheduled.keys() - mgr.dropped.keys()
+        if fresh:
+            dropped.update(dict.fromkeys(fresh, 0))
         masked_single: list[str] = []
         if cache_size is None:
             retention = {rid: self._retention_of(self.requests[rid])
-                         for rid, q in scheduled.items() if q > 1}
+                         for rid in compress(scheduled, map(_MULTI, scheduled.values()))}
             if defer:
                 # One-token rows whose cache was not evicted for their position this step:
                 # deferred prompts, and requests admitted (or resumed) by this schedule(),
@@ -208,8 +226,7 @@ class _SepLLMSchedulerMixin:
                         continue
                     request = self.requests[rid]
                     t = request.num_computed_tokens - 1  # it already counts this token
-                    cache = caches.get(rid)
-                    if cache is not None and cache.num_computed == t:
+                    if mgr.num_computed_of(rid) == t:
                         continue  # evicted for this very position above
                     r = self._retention_of(request)
                     if t >= r.num_sinks + r.window:  # some key is no longer visible to t
@@ -217,14 +234,13 @@ class _SepLLMSchedulerMixin:
                         retention[rid] = r
         else:
             retention = {}
-        # The list right after the copy-out (c[0] blocks): the workers append this step's
+        # The list right after the copy-out (the kept blocks): the workers append this step's
         # new blocks themselves.
-        block_ids = {rid: [b.block_id for b in mgr.req_to_blocks[rid][:c[0]]]
-                     for rid, c in compacted.items() if rid in mgr.copied_out}
+        block_ids = {rid: [b.block_id for b in mgr.req_to_blocks[rid][:compactions[rid]]]
+                     for rid in mgr.copied_out if rid in compactions}
         mgr.copied_out.clear()
         setattr(output, PLAN_ATTR, StepPlan(
-            dropped, retention, {rid: c[0] for rid, c in compacted.items()}, src, dst,
-            block_ids, masked_single))
+            dropped, retention, compactions, src, dst, block_ids, masked_single))
         return output
 
     def _sepllm_preempt(self, request: Request) -> None:
@@ -247,11 +263,11 @@ class _SepLLMSchedulerMixin:
             return None
         step, self.sepllm_stats = self.sepllm_stats, SepLLMStepStats()
         mgr = self.sepllm_manager
-        for request in self.running:
-            n = request.num_computed_tokens
-            step.context_tokens += n
-            step.retained_tokens += n - mgr.num_dropped(request.request_id)
-        step.num_requests = len(mgr.caches)
+        running = self.running
+        step.context_tokens = sum(map(_NUM_COMPUTED, running))
+        step.retained_tokens = step.context_tokens - sum(
+            map(mgr.dropped.get, map(_REQUEST_ID, running), repeat(0)))
+        step.num_requests = len(mgr.dropped)
         pool = self.kv_cache_manager.block_pool
         step.kv_blocks_free = pool.get_num_free_blocks()
         step.kv_blocks_used = pool.num_gpu_blocks - 1 - step.kv_blocks_free
@@ -271,7 +287,7 @@ class _SepLLMSchedulerMixin:
             # scheduling, or aborted while waiting to resume): it holds no KV now.
             stats = {"tokens": 0, "kv_retained": 0, "kv_evicted": 0, "retained_ratio": 0.0,
                      "peak_kv_blocks": 0, "preempted_at_finish": True}
-        freed, compactions = self._sepllm_request_counts.pop(request.request_id, (0, 0))
+        freed, compactions = self.sepllm_manager.take_counts(request.request_id)
         if stats is not None:
             stats["kv_blocks_freed"] = freed
             stats["compactions"] = compactions

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from vllm.logger import init_logger
@@ -190,10 +191,12 @@ class SepLLMRunnerBase:
     def _sepllm_move_kv(self, plan: StepPlan) -> None:
         """Run the step's KV moves (all compacted requests at once) in every layer's cache and
         in the per-slot records."""
-        if not plan.src:
+        if not len(plan.src):
             return
         # The scheduler computed the moves as physical slots (kv_manager.SepLLMManager.evict).
-        moves = to_device(torch.tensor((plan.src, plan.dst), dtype=torch.int64), self.device)
+        moves = np.stack((np.asarray(plan.src, dtype=np.int64),
+                          np.asarray(plan.dst, dtype=np.int64)))
+        moves = to_device(torch.from_numpy(moves), self.device)
         src_t, dst_t = moves[0], moves[1]
         from vllm_sepllm.ops import compact_kv
 
