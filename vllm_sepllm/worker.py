@@ -22,6 +22,7 @@ CUDA) gets the same mechanism through its own hooks: ``worker_v2.SepLLMV2RunnerM
 from __future__ import annotations
 
 import os
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -237,22 +238,36 @@ class SepLLMRunnerMixin(SepLLMRunnerBase):
         return super()._update_states(scheduler_output)
 
     def _sepllm_compact(self, plan: StepPlan) -> None:
-        """Move the KV of compacted requests and truncate their block lists."""
+        """Move the KV of compacted requests and truncate their block lists.
+
+        Batched: for requests in the persistent batch, whose block-table row length equals
+        their block list's length, one vectorised comparison finds the lists that get shorter
+        (with exact eviction every request is compacted every step, few lose a block); only
+        those, copy-outs and requests outside the batch are walked."""
         table = self.input_batch.block_table[0]
-        for req_id, num_blocks in plan.compactions.items():
+        index_of = self.input_batch.req_id_to_index
+        comp = plan.compactions
+        ids = list(comp)
+        kept = np.fromiter(comp.values(), dtype=np.int64, count=len(ids))
+        rows = np.fromiter(map(index_of.get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
+        in_batch = rows >= 0
+        held = table.num_blocks_per_row[np.where(in_batch, rows, 0)]
+        walk = np.flatnonzero(~in_batch | (kept < held)).tolist()
+        for req_id in dict.fromkeys((*(ids[i] for i in walk), *plan.block_ids)):
             req_state = self.requests.get(req_id)
             if req_state is None:
                 continue
             blocks = req_state.block_ids[0]
+            num_blocks = comp.get(req_id, len(blocks))
             new_ids = plan.block_ids.get(req_id)
             if new_ids is not None:  # copied out of shared blocks: a new block list
                 blocks[:] = new_ids
-                row = self.input_batch.req_id_to_index.get(req_id)
+                row = index_of.get(req_id)
                 if row is not None:
                     table.add_row(new_ids, row)
             elif num_blocks < len(blocks):
                 del blocks[num_blocks:]
-                row = self.input_batch.req_id_to_index.get(req_id)
+                row = index_of.get(req_id)
                 if row is not None:
                     table.num_blocks_per_row[row] = min(table.num_blocks_per_row[row],
                                                         num_blocks)
@@ -265,7 +280,9 @@ class SepLLMRunnerMixin(SepLLMRunnerBase):
         total = scheduler_output.total_num_scheduled_tokens
         req_ids = self.input_batch.req_ids
         dropped = state.row_dropped_cpu
-        dropped.numpy()[:num_reqs] = [state.dropped.get(r, 0) for r in req_ids[:num_reqs]]
+        dropped.numpy()[:num_reqs] = np.fromiter(
+            map(state.dropped.get, req_ids[:num_reqs], repeat(0)), dtype=np.int32,
+            count=num_reqs)
         state.row_req_ids = req_ids
         state.row_dropped[:num_reqs].copy_(dropped[:num_reqs], non_blocking=True)
         row_dropped = state.row_dropped[:num_reqs]

@@ -40,8 +40,9 @@ prefill context parallelism, ``VLLM_USE_BREAKABLE_CUDAGRAPH=1`` (its PIECEWISE s
 batch rows, which the masked builder does not expect). Pinned to vLLM 0.26.0's V2 runner
 (:data:`V2_VLLM_VERSIONS`).
 
-Host work per step: one dictionary look-up per batch row for ``D`` (as V1), and only when some
-row has ``D > 0``: one ``numpy.repeat`` over the step's tokens, one host-to-device copy (a fresh
+Host work per step: one C-level pass of dictionary look-ups over the batch rows for ``D`` (as
+V1), one vectorised cut of the compacted rows' block counts, and only when some row has
+``D > 0``: one ``numpy.repeat`` over the step's tokens, one host-to-device copy (a fresh
 pinned buffer: safe while the previous step still runs under async scheduling) and three small
 device ops.
 """
@@ -49,6 +50,7 @@ device ops.
 from __future__ import annotations
 
 import dataclasses
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -202,16 +204,21 @@ class SepLLMV2RunnerMixin(SepLLMRunnerBase):
         per_block = tables.blocks_per_kv_block[0]  # kernel blocks per KV block (1 for SEPLLM)
         index_of = self.req_states.req_id_to_index
         stats = self.sepllm_v2_stats
-        for req_id, kept in plan.compactions.items():
-            idx = index_of.get(req_id)
-            if idx is None:
-                continue
-            new_ids = plan.block_ids.get(req_id)
-            if new_ids is not None:  # copied out of shared blocks: a new block list
-                tables.append_block_ids(idx, (new_ids,), overwrite=True)
+        comp = plan.compactions
+        idx = np.fromiter(map(index_of.get, comp, repeat(-1)), dtype=np.int64,
+                          count=len(comp))
+        kept = np.fromiter(comp.values(), dtype=np.int64, count=len(comp)) * per_block
+        for req_id, new_ids in plan.block_ids.items():  # copied out: a new block list
+            i = index_of.get(req_id)
+            if i is not None:
+                tables.append_block_ids(i, (new_ids,), overwrite=True)
                 stats["copy_outs"] += 1
-            else:
-                num_blocks[0, idx] = min(int(num_blocks[0, idx]), kept * per_block)
+        cut = idx >= 0
+        if plan.block_ids:
+            cut &= np.fromiter((r not in plan.block_ids for r in comp), dtype=bool,
+                               count=len(comp))
+        rows = idx[cut]
+        num_blocks[0, rows] = np.minimum(num_blocks[0, rows], kept[cut])
         stats["compaction_steps"] += 1
         stats["moved_slots"] += len(plan.src)
         self._sepllm_move_kv(plan)
@@ -231,7 +238,7 @@ class SepLLMV2RunnerMixin(SepLLMRunnerBase):
         dropped = state.dropped
         if not dropped:
             return input_batch
-        row_d = np.fromiter((dropped.get(r, 0) for r in req_ids), dtype=np.int32,
+        row_d = np.fromiter(map(dropped.get, req_ids, repeat(0)), dtype=np.int32,
                             count=num_reqs)
         if not row_d.any():
             return input_batch
