@@ -177,7 +177,7 @@ for step in "$@"; do
       for wl in ${SERVE_WORKLOAD:-long-gen}; do
         CUDA_VISIBLE_DEVICES=0 timeout -k 10 ${SERVE_S:-560} python3 benchmarks/serve.py --workload $wl \
           --backends ${SERVE_BACKENDS:-FLASH_ATTN SEPLLM:a4s64w256c356} --rates ${SERVE_RATES:-2 4} \
-          --span ${SERVE_SPAN:-60} --budget-s ${SERVE_BUDGET:-270} --max-num-seqs 512 \
+          --span ${SERVE_SPAN:-60} --budget-s ${SERVE_BUDGET:-270} --max-num-seqs 512 --stream-interval 8 \
           --tokenizer-dir .gpu/tok --keep-logs ${SERVE_ARGS:-} --out "$OUT/h200_serve_$wl.json" \
           > "$OUT/serve_$wl.log" 2>&1; echo "serve $wl rc=$?"
         for f in "$OUT"/h200_serve_${wl}_*.server.log; do  # keep logs small: no progress bars

@@ -39,10 +39,13 @@ def test_chat_requests_are_contiguous_real_text(tokenizer):
 def test_summary_best_goodput_and_rate_at_slo():
     from benchmarks.serve import summary
 
+    slo = {"ttft_ms": 2000, "tpot_ms": 50}
     recs = [{"backend": "FLASH_ATTN", "config": "-", "request_rate": r, "goodput": g,
-             "slo_attainment": a} for r, g, a in ((1, 0.5, 1.0), (2, 0.8, 0.95), (4, 0.6, 0.4))]
+             "p99_ttft_ms": t, "p99_tpot_ms": 20, "slo": slo}
+            for r, g, t in ((1, 0.5, 100), (2, 0.8, 1900), (4, 0.6, 9000))]
     recs += [{"backend": "SEPLLM", "config": "c", "request_rate": r, "goodput": g,
-              "slo_attainment": a} for r, g, a in ((2, 1.0, 1.0), (4, 2.4, 0.92), (8, 1.9, 0.3))]
+              "p99_ttft_ms": 300, "p99_tpot_ms": p, "slo": slo}
+             for r, g, p in ((2, 1.0, 15), (4, 2.4, 49), (8, 1.9, 51))]
     recs.append({"backend": "SEPLLM", "config": "c", "request_rate": 16, "skipped": "budget"})
     s = summary(recs)
     assert s["FLASH_ATTN -"] == {"best_goodput": 0.8, "best_goodput_rate": 2,
@@ -65,7 +68,7 @@ def test_serve_sweep_default_vs_sepllm(tmp_path):
     for r in recs.values():
         assert r["completed"] == 6 and r["failed"] == 0
         assert r["replay_exact"] == 1.0  # every output is its real continuation
-        assert r["slo_attainment"] == 1.0 and r["goodput"] > 0
+        assert r["slo_attainment"] == 1.0 and r["goodput"] > 0 and r["meets_slo"]
         # vLLM's goodput is the in-SLO requests over the run's duration
         assert r["goodput"] == pytest.approx(6 / r["duration_s"], rel=0.02)
         assert r["out_tok_per_s"] > 0 and r["p99_ttft_ms"] >= r["p50_ttft_ms"] > 0
