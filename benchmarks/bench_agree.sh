@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8.2 on the H200 (after `source benchmarks/gpu_setup.sh`): `vllm bench throughput` and
+# On the H200 (after `source benchmarks/gpu_setup.sh`): `vllm bench throughput` and
 # `benchmarks/throughput.py --prompts vllm-random` on the same W0-shaped random workload, for
 # FLASH_ATTN and SEPLLM a4/s64/w256. Same prompts (vLLM's own sampler, same seed), same engine
 # settings; the two tools' figures should agree. Writes JSON to $1.

@@ -1,7 +1,7 @@
 """Perplexity of long text through the product (CPU, SmolLM2-135M, real weights).
 
-    .venv/bin/python benchmarks/ppl.py --suite budgets   # issue 8.3: full / SepLLM / StreamingLLM
-    .venv/bin/python benchmarks/ppl.py --suite shift     # issue 6.2: 200K+ tokens, PE shift on/off
+    .venv/bin/python benchmarks/ppl.py --suite budgets   # full / SepLLM / StreamingLLM at equal budgets
+    .venv/bin/python benchmarks/ppl.py --suite shift     # 200K+ tokens, PE shift on/off
 
 How: each document is one prompt, run with ``SamplingParams(prompt_logprobs=0, max_tokens=1)``.
 vLLM prefills it in chunks of ``--chunk`` tokens (``max_num_batched_tokens``); SEPLLM evicts
@@ -52,12 +52,12 @@ AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data/Rdata"
 
 #: Suites: documents, tokens per document, runs (the budgets c = a + s + w of the paper).
 SUITES = {
-    # issue 8.3: c = 324 (SepLLM a4 s64 w256 | StreamingLLM a4 w320) and c = 800
+    # budgets: c = 324 (SepLLM a4 s64 w256 | StreamingLLM a4 w320) and c = 800
     # (SepLLM a4 s64 w732 | StreamingLLM a4 w796); PE shift on (the documents pass 8K).
     "budgets": dict(num_docs=3, tokens=20480, runs=[
         "full", "sepllm:a4s64w256+shift", "stream:a4w320+shift",
         "sepllm:a4s64w732+shift", "stream:a4w796+shift"]),
-    # issue 6.2: one stream of 200K+ tokens, SepLLM c = 324 with PE shift; without it the
+    # shift: one stream of 200K+ tokens, SepLLM c = 324 with PE shift; without it the
     # first 32K tokens (4x the model's positions: enough to see it explode, at a sixth of
     # the CPU time).
     "shift": dict(num_docs=1, tokens=204800, runs=[

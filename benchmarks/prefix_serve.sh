@@ -4,7 +4,7 @@
 # shared random prefix (--random-prefix-len) before each prompt's own random tokens.
 #   bash benchmarks/prefix_serve.sh OUTDIR light|heavy
 # H200 (after `source benchmarks/gpu_setup.sh`; Llama-3-8B shape, dummy weights):
-#   light: prefix 4096 + input 256, output 512, 300 requests at 6/s (the workload);
+#   light: prefix 4096 + input 256, output 512, 300 requests at 6/s;
 #   heavy: output 2048, 400 requests at 8/s, KV pool 24 GiB for both (FLASH_ATTN's pool is the limit).
 # PREFIX_CPU=1: the same plumbing on CPU (SmolLM2 real weights, .venv's vLLM, tiny sizes).
 # Env overrides: N RATE OUT_LEN PREFIX_LEN INPUT_LEN MAX_MODEL_LEN MAX_NUM_SEQS HEAVY_KV_BYTES

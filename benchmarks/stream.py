@@ -1,5 +1,5 @@
 """One request streams N tokens past the model's context with SepLLM + PE shift; memory and
-progress are sampled over time (issue 6.3).
+progress are sampled over time.
 
 H200 (Llama-3-8B shape, dummy weights, 4,194,304 tokens; see benchmarks/README.md "PE shift"):
 
