@@ -302,7 +302,10 @@ def run_point(args, server: Server, model: str, reqfile: Path, n: int, rate: flo
            # the server is up (/health); vLLM's ready check would first run request 0 alone,
            # its whole output (4,096 tokens on long-gen) before the measured run
            "--ready-check-timeout-sec", "0"]
-    before = scrape(server.base)
+    try:
+        before = scrape(server.base)
+    except OSError as e:  # the server is gone: say so, the next backend still runs
+        return {"request_rate": rate, "num_prompts": n, "error": f"server unreachable: {e}"}
     poller = Poller(server.base, args.poll_s)
     poller.start()
     t0 = time.monotonic()
@@ -318,11 +321,15 @@ def run_point(args, server: Server, model: str, reqfile: Path, n: int, rate: flo
     wall = time.monotonic() - t0
     poller.halt.set()
     poller.join()
-    after = scrape(server.base)
     rec = {"request_rate": rate, "num_prompts": n, "bench_wall_s": round(wall, 1)}
     rec.update(poller.summary())
-    rec["counters"] = counter_deltas(before, after)
-    rec["preemptions"] = rec["counters"].get("num_preemptions", 0)
+    try:
+        rec["counters"] = counter_deltas(before, scrape(server.base))
+        rec["preemptions"] = rec["counters"].get("num_preemptions", 0)
+    except OSError as e:
+        rec["error"] = f"server unreachable after the run: {e}"
+        rec["bench_log_tail"] = log.read_text()[-2000:]
+        return rec
     res_path = workdir / name
     if cut or rc != 0 or not res_path.exists():
         rec["cut" if cut else "error"] = True if cut else f"vllm bench serve rc={rc}"

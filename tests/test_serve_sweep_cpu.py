@@ -90,3 +90,18 @@ def test_serve_sweep_default_vs_sepllm(tmp_path):
         assert "matplotlib is not installed" in proc.stdout
     else:
         assert out.with_suffix(".png").exists()
+
+
+def test_point_against_a_dead_server_is_an_error_record(tmp_path):
+    """A server that died between points gives an error record (the sweep goes on), not a
+    crash of the whole run."""
+    import argparse
+    import types
+
+    from benchmarks.serve import free_port, point_line, run_point
+
+    dead = types.SimpleNamespace(base=f"http://127.0.0.1:{free_port()}")
+    rec = run_point(argparse.Namespace(poll_s=1.0), dead, "m", tmp_path / "r.json", 4, 2.0,
+                    30, tmp_path, "t")
+    assert rec["error"].startswith("server unreachable") and rec["request_rate"] == 2.0
+    assert "server unreachable" in point_line(dict(rec, backend="SEPLLM", config="-"))
