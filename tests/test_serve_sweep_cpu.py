@@ -101,7 +101,8 @@ def test_point_against_a_dead_server_is_an_error_record(tmp_path):
     from benchmarks.serve import free_port, point_line, run_point
 
     dead = types.SimpleNamespace(base=f"http://127.0.0.1:{free_port()}")
-    rec = run_point(argparse.Namespace(poll_s=1.0), dead, "m", tmp_path / "r.json", 4, 2.0,
+    ns = argparse.Namespace(poll_s=1.0, seed=0, slo_ttft_ms=2000.0, slo_tpot_ms=50.0)
+    rec = run_point(ns, dead, "m", tmp_path / "r.json", 4, 2.0,
                     30, tmp_path, "t")
     assert rec["error"].startswith("server unreachable") and rec["request_rate"] == 2.0
     assert "server unreachable" in point_line(dict(rec, backend="SEPLLM", config="-"))
