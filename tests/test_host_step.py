@@ -66,6 +66,8 @@ def test_scheduler_loop_keeps_exact_block_accounting(model_path, tokenizer, cach
                 FullAttentionManager.get_num_blocks_to_allocate(mgr, rid, need, [], n, n, need)
         evictions += len(plan.compactions)
         mgr.check_table()
+        # make_stats sums D over the records: only running requests hold one.
+        assert set(mgr.dropped) <= {r.request_id for r in sched.running}
         held = sum(len(b) for b in mgr.req_to_blocks.values())
         assert held + pool.get_num_free_blocks() == NUM_BLOCKS - 1  # block 0: the null block
         assert not any(r.num_preemptions for r in sched.requests.values())

@@ -56,6 +56,16 @@ def seg_arange(counts: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=I64) - np.repeat(starts, counts)
 
 
+def segments(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(segment of each element, offset in its segment) of ``counts[i]`` elements per segment
+    ``i``: ``repeat(arange(len(counts)), counts)`` and :func:`seg_arange`."""
+    rep = np.repeat(np.arange(counts.shape[0], dtype=I64), counts)
+    if not rep.size:
+        return rep, _EMPTY
+    starts = np.cumsum(counts) - counts
+    return rep, np.arange(rep.size, dtype=I64) - starts[rep]
+
+
 @dataclasses.dataclass
 class TableStep:
     """What :meth:`CacheTable.advance` did to its batch (``rows``, in the given order).
@@ -104,6 +114,8 @@ class CacheTable:
         self.owner = np.empty(0, dtype=object)
         self.retention: list[Retention | None] = []
         self.row_of: dict[str, int] = {}
+        #: Bumped whenever a request gets or loses a row (callers may cache ``rows_of``).
+        self.generation = 0
         self._free_rows: list[int] = []
         self._grow_rows(1)  # (row 0 exists: callers may index it for requests without a row)
 
@@ -185,6 +197,7 @@ class CacheTable:
         self.owner[row] = rid
         self.retention[row] = r
         self.row_of[rid] = row
+        self.generation += 1
         return row
 
     def snapshot(self, row: int) -> RequestCache:
@@ -207,6 +220,7 @@ class CacheTable:
         """Drop ``rid``'s row; returns its record as a ``RequestCache`` and its counters
         (blocks freed, compactions)."""
         row = self.row_of.pop(rid)
+        self.generation += 1
         out = self.snapshot(row), int(self.freed[row]), int(self.comps[row])
         self.owner[row] = self.retention[row] = None
         self._free_rows.append(row)
@@ -337,32 +351,37 @@ class CacheTable:
         w, ring = self.w[rows], self.M[rows]
         k = ns - n_old
         # 1. The positions computed since the row's last advance take the next cache indices.
-        if k.any():
-            rep = np.repeat(np.arange(b, dtype=I64), k)
-            off = seg_arange(k)
+        rep, off = segments(k)
+        if rep.size:
+            rr = rows[rep]
+            ring_rep = ring[rep]
             pos = n_old[rep] + off
             idx = length0[rep] + off
-            rr = rows[rep]
             self.slots[rr, idx] = pos
-            self.winv[rr, pos % ring[rep]] = idx
+            self.winv[rr, pos % ring_rep] = idx
         length = length0 + k
         self.n[rows] = ns
         ws = ns - w + 1  # window start of query n
         m = ws - f0  # positions leaving the window: [f, ws)
         m[m < 0] = 0
-        cls = np.flatnonzero(m)
-        if not cls.size:
+        if (m == k).all():  # a full window moved by the new positions (the usual step)
+            cls = np.arange(b, dtype=I64) if k.all() else np.flatnonzero(k)
+            rep_c, off_c = rep, off
+        else:
+            cls = np.flatnonzero(m)
+            rep_c, off_c = segments(m)
+            rr = rows[rep_c]
+            ring_rep = ring[rep_c]
+        if not rep_c.size:
             self.L[rows] = length
             z = np.zeros(b, dtype=I64)
             return TableStep(rows, z, length, _EMPTY, _EMPTY, _EMPTY)
         # 2. Their token ids (the one per-request read of the step).
-        mc = m[cls]
         lists = token_lists if cls.size == b else [token_lists[i] for i in cls.tolist()]
         self.L[rows] = length  # (as RequestCache: counted in even if a token is unknown)
-        is_sep = self._is_sep(self._tokens(lists, f0[cls], ws[cls], int(mc.sum())))
-        rep_c = np.repeat(cls, mc)  # batch index of each classified position
-        p = f0[rep_c] + seg_arange(mc)
-        idx_p = self.winv[rows[rep_c], p % ring[rep_c]]
+        is_sep = self._is_sep(self._tokens(lists, f0[cls], ws[cls], rep_c.size))
+        p = f0[rep_c] + off_c
+        idx_p = self.winv[rr, p % ring_rep]
         f_new = np.maximum(f0, ws)
         # 3. Separators join the kept ones; past the cap the oldest leave (holes).
         hole_b = [rep_c[~is_sep]]
@@ -380,12 +399,12 @@ class CacheTable:
             pn = over - pe
             capm = np.maximum(cap, 1)
             if pe.any():
-                loc = np.repeat(np.arange(ch.size, dtype=I64), pe)
-                col = (head[loc] + seg_arange(pe)) % capm[loc]
+                loc, t = segments(pe)
+                col = (head[loc] + t) % capm[loc]
                 hole_b.append(ch[loc])
                 hole_i.append(self.sep_idx[rch[loc], col])
-            loc = np.repeat(np.arange(ch.size, dtype=I64), jc)
-            t = seg_arange(jc) - pn[loc]  # rank among the new ones that stay (< 0: leave)
+            loc, t = segments(jc)
+            t -= pn[loc]  # rank among the new ones that stay (< 0: they leave at once)
             ps, ips = p[is_sep], idx_p[is_sep]
             gone = t < 0
             if gone.any():
@@ -414,8 +433,8 @@ class CacheTable:
         hb, hi = key // lw, key % lw
         below = hi < new_len[hb]
         dst_b, dst = hb[below], hi[below]
-        rep_t = np.repeat(np.arange(b, dtype=I64), evicted)
-        t = new_len[rep_t] + seg_arange(evicted)  # the tail [new_len, length)
+        rep_t, t = segments(evicted)
+        t += new_len[rep_t]  # the tail [new_len, length)
         tkey = rep_t * lw + t
         at = np.searchsorted(key, tkey)
         at[at >= key.size] = key.size - 1

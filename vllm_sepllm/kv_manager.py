@@ -82,8 +82,7 @@ class BatchEviction:
     """What :meth:`SepLLMManager.evict_batch` did.
 
     ``rids[k]``: the requests that evicted tokens, with ``evicted[k]`` tokens dropped, ``D``
-    (``dropped[k]``) now, ``kept[k]`` blocks kept and ``freed[k]`` blocks freed, ``rows[k]`` the
-    cache-table row that evicted (-1: the per-request path); ``src``/``dst``:
+    (``dropped[k]``) now, ``kept[k]`` blocks kept and ``freed[k]`` blocks freed; ``src``/``dst``:
     all their KV moves as physical slots (``owner[j]``: index into ``rids`` of move ``j``).
     ``preempted``: indices (into the batch) of requests whose copy-out found no free block
     (the caller's ``preempt`` already ran for them). ``num_batched``: requests the cache table
@@ -98,7 +97,6 @@ class BatchEviction:
     dst: np.ndarray
     owner: np.ndarray
     preempted: list[int]
-    rows: np.ndarray
     num_batched: int = 0
 
 
@@ -131,7 +129,10 @@ class _Records(Mapping):
 
 
 def _pick(seq: Sequence, idx: np.ndarray) -> list:
-    """``[seq[i] for i in idx]`` in one C-level call."""
+    """``[seq[i] for i in idx]`` in one C-level call (``seq.pick(idx)`` where it has one)."""
+    pick = getattr(seq, "pick", None)
+    if pick is not None:
+        return pick(idx)
     if idx.size == len(seq):
         return seq if isinstance(seq, list) else list(seq)
     if idx.size == 1:
@@ -333,10 +334,15 @@ class SepLLMManager(FullAttentionManager):
                     token_lists: Sequence[Sequence[int]],
                     retention_of: Callable[[int], Retention], sep_ids: Collection[int],
                     deferred_free: list[KVCacheBlock],
-                    preempt: Callable[[int], None]) -> BatchEviction:
+                    preempt: Callable[[int], None],
+                    rows: np.ndarray | None = None) -> BatchEviction:
         """:meth:`evict` for every request ``rids[i]`` (``num_computed[i] > 0`` computed
         tokens, ids ``token_lists[i]``, retention ``retention_of(i)``, asked only where a
         record is created), as ``SepLLMScheduler.schedule`` needs it each step.
+        ``token_lists`` is read only where needed (a sequence, or an object with
+        ``pick(indices)`` giving their lists); ``rows``: ``table.rows_of(rids)`` if the caller
+        has it (same table generation). Each request that evicted counts one compaction (see
+        :meth:`uncount_compaction`).
 
         Records in the cache table advance together (no per-request Python beyond reading the
         token ids that leave the window); the others, and table rows whose step the table does
@@ -348,19 +354,20 @@ class SepLLMManager(FullAttentionManager):
         table = self._table_for(sep_ids)
         bs = self.block_size
         c = self.cache_size
-        rows = table.rows_of(rids)
+        if rows is None:
+            rows = table.rows_of(rids)
         in_table = rows >= 0
-        trows = np.where(in_table, rows, 0)
+        # (rows -1 read the last row: masked out by in_table)
+        k = num_computed - table.n[rows]
         if c is None:
-            due = in_table & (num_computed > table.n[trows])
+            due = in_table & (k > 0)
         else:
-            due = in_table & (num_computed - table.D[trows] > c)
-        fast = due & table.fits(trows, num_computed)
+            due = in_table & (num_computed - table.D[rows] > c)
+        fast = due & table.fits(rows, num_computed)
         if self.enable_caching:
-            fast &= table.D[trows] > 0
+            fast &= table.D[rows] > 0
         # (num_computed below the record's: RequestCache.advance raises, let it)
-        back = in_table & (num_computed < table.n[trows])
-        slow = np.flatnonzero(~in_table | (due & ~fast) | back)
+        slow = np.flatnonzero(~(in_table & (k >= 0)) | (due & ~fast))
 
         # Per request, in batch order: records outside the table, long steps, copy-outs.
         out_rids: list[str] = []
@@ -385,8 +392,8 @@ class SepLLMManager(FullAttentionManager):
                     continue
             j = len(src_l)
             freed = self.num_blocks_freed
-            comp = self.evict(rid, n, token_lists[i], retention_of(i), sep_ids,
-                              (src_l, dst_l), deferred_free)
+            comp = self.evict(rid, n, _pick(token_lists, np.array([i]))[0], retention_of(i),
+                              sep_ids, (src_l, dst_l), deferred_free)
             if comp is None:
                 preempted.append(i)
                 preempt(i)
@@ -398,8 +405,9 @@ class SepLLMManager(FullAttentionManager):
                 out_evicted.append(comp.num_evicted)
                 out_kept.append(len(self.req_to_blocks[rid]))
                 out_freed.append(freed)
-                if freed:
-                    self.py_counts.setdefault(rid, [0, 0])[0] += freed
+                counts = self.py_counts.setdefault(rid, [0, 0])
+                counts[0] += freed
+                counts[1] += 1
             cache = self._py[rid]
             if table.accepts(cache.retention):
                 del self._py[rid]
@@ -441,6 +449,7 @@ class SepLLMManager(FullAttentionManager):
                 total = int(t_freed.sum())
                 self.num_blocks_freed += total
                 table.freed[hrows] += t_freed
+                table.comps[hrows] += 1
                 t_dropped = table.D[hrows]
                 self.dropped.update(zip(hrids, t_dropped.tolist()))
                 out_rids += hrids
@@ -454,20 +463,15 @@ class SepLLMManager(FullAttentionManager):
                               count=n_py)
         if len(out_rids) > n_py:
             dropped = np.concatenate((dropped, t_dropped))
-        rows_out = np.full(len(out_rids), -1, dtype=I64)
-        if len(out_rids) > n_py:
-            rows_out[n_py:] = hrows
         return BatchEviction(out_rids, evicted, dropped, kept, freed_a, src, dst, owner,
-                             preempted, rows_out, int(bi.size))
+                             preempted, int(bi.size))
 
-    def count_compactions(self, rids: Sequence[str], rows: np.ndarray) -> None:
-        """One more compaction sent to the workers for each of ``rids`` (records; ``rows``:
-        their table rows as :meth:`evict_batch` gave them, -1 for the others)."""
-        in_table = rows >= 0
-        if in_table.any():
-            self.table.comps[rows[in_table]] += 1  # (distinct rows)
-        for i in np.flatnonzero(~in_table).tolist():
-            self.py_counts.setdefault(rids[i], [0, 0])[1] += 1
+    def uncount_compaction(self, request_id: str) -> None:
+        """Take back the compaction :meth:`evict_batch` counted for a request whose record
+        went since (preempted in the same step: its moves are not sent)."""
+        counts = self.py_counts.get(request_id)
+        if counts is not None and counts[1]:
+            counts[1] -= 1
 
     def take_counts(self, request_id: str) -> tuple[int, int]:
         """(blocks freed by compaction, compactions) of the request so far, and reset."""

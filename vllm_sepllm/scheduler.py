@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import time
-from itertools import compress, repeat
+from itertools import compress
 
 import numpy as np
 
@@ -50,6 +50,28 @@ _TOKEN_IDS = operator.attrgetter("all_token_ids")
 # the batched eviction reads one id per request per step (scripts/check_vllm_internals.py).
 _RAW_TOKEN_IDS = operator.attrgetter("_all_token_ids")
 _MULTI = (1).__lt__  # q > 1: a row with more than one token this step
+
+
+class _TokenLists:
+    """The token-id lists of ``reqs``, read only where the eviction needs them (the rows that
+    classify positions this step: with ``cache_size`` a few per step)."""
+
+    __slots__ = ("reqs", "get")
+
+    def __init__(self, reqs: list[Request]) -> None:
+        self.reqs = reqs
+        self.get = _RAW_TOKEN_IDS if hasattr(reqs[0], "_all_token_ids") else _TOKEN_IDS
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+    def pick(self, idx: np.ndarray) -> list:
+        reqs = self.reqs
+        if idx.size == len(reqs):
+            return list(map(self.get, reqs))
+        if idx.size == 1:
+            return [self.get(reqs[int(idx[0])])]
+        return list(map(self.get, operator.itemgetter(*idx.tolist())(reqs))) if idx.size else []
 
 
 @dataclasses.dataclass
@@ -106,6 +128,8 @@ class _SepLLMSchedulerMixin:
         # manager (take_counts), reported at finish.
         self.sepllm_stats = SepLLMStepStats()
         self._sepllm_retention: dict[str, Retention] = {}
+        # Last step's evicted requests, their ids and table rows (reused while unchanged).
+        self._sepllm_batch: tuple | None = None
 
     # ------------------------------------------------------------------ per request
     def _retention_of(self, request: Request) -> Retention:
@@ -164,14 +188,22 @@ class _SepLLMSchedulerMixin:
             idx = np.flatnonzero(take)
             reqs = list(running) if idx.size == num else [running[i] for i in idx.tolist()]
             if reqs:
-                try:
-                    token_lists = list(map(_RAW_TOKEN_IDS, reqs))
-                except AttributeError:  # another vLLM: the public view
-                    token_lists = list(map(_TOKEN_IDS, reqs))
+                # The same requests as the last step (decode steps): their ids and table rows
+                # too, unless a record joined or left the table since.
+                last = self._sepllm_batch
+                table = mgr.table
+                if (last is not None and table is not None
+                        and last[3] == table.generation and last[0] == reqs):
+                    rids, rows = last[1], last[2]
+                else:
+                    rids = list(map(_REQUEST_ID, reqs))
+                    rows = table.rows_of(rids) if table is not None else None
+                if table is not None:
+                    self._sepllm_batch = (reqs, rids, rows, table.generation)
                 ev = mgr.evict_batch(
-                    list(map(_REQUEST_ID, reqs)), ns[idx], token_lists,
+                    rids, ns[idx], _TokenLists(reqs),
                     lambda i: self._retention_of(reqs[i]), self.sepllm_sep_ids,
-                    deferred_free, lambda i: self._sepllm_preempt(reqs[i]))
+                    deferred_free, lambda i: self._sepllm_preempt(reqs[i]), rows)
         if deferred_free:
             mgr.block_pool.free_blocks(deferred_free)
         stats.freed_blocks += mgr.num_blocks_freed - freed_before
@@ -183,7 +215,7 @@ class _SepLLMSchedulerMixin:
         output = super().schedule(*args, **kwargs)
 
         if ev is not None and ev.rids:
-            rids, kept, dropped_d, rows = ev.rids, ev.kept, ev.dropped, ev.rows
+            rids, kept, dropped_d = ev.rids, ev.kept, ev.dropped
             src, dst = ev.src, ev.dst
             if mgr.num_records_popped != popped_before:
                 # vLLM's schedule() preempted requests (their records and blocks are gone):
@@ -191,11 +223,12 @@ class _SepLLMSchedulerMixin:
                 alive = np.fromiter(map(mgr.dropped.__contains__, rids), dtype=bool,
                                     count=len(rids))
                 if not alive.all():
+                    for i in np.flatnonzero(~alive).tolist():
+                        mgr.uncount_compaction(rids[i])
                     keep = alive[ev.owner]
                     src, dst = src[keep], dst[keep]
                     rids = list(compress(rids, alive))
-                    kept, dropped_d, rows = kept[alive], dropped_d[alive], rows[alive]
-            mgr.count_compactions(rids, rows)
+                    kept, dropped_d = kept[alive], dropped_d[alive]
             compactions = dict(zip(rids, kept.tolist()))
             dropped = dict(zip(rids, dropped_d.tolist()))
         else:
@@ -263,10 +296,10 @@ class _SepLLMSchedulerMixin:
             return None
         step, self.sepllm_stats = self.sepllm_stats, SepLLMStepStats()
         mgr = self.sepllm_manager
-        running = self.running
-        step.context_tokens = sum(map(_NUM_COMPUTED, running))
-        step.retained_tokens = step.context_tokens - sum(
-            map(mgr.dropped.get, map(_REQUEST_ID, running), repeat(0)))
+        step.context_tokens = sum(map(_NUM_COMPUTED, self.running))
+        # Records are held by running requests only (finish, abort and preemption drop them):
+        # the D of every record is the D of every running request.
+        step.retained_tokens = step.context_tokens - sum(mgr.dropped.values())
         step.num_requests = len(mgr.dropped)
         pool = self.kv_cache_manager.block_pool
         step.kv_blocks_free = pool.get_num_free_blocks()
