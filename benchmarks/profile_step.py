@@ -111,6 +111,8 @@ def main() -> None:
 PHASES = [
     "vllm_sepllm.scheduler:_SepLLMSchedulerMixin.schedule",
     "vllm.v1.core.sched.scheduler:Scheduler.schedule",
+    "vllm_sepllm.kv_manager:SepLLMManager.evict_batch",
+    "vllm_sepllm.cache_table:CacheTable.advance",
     "vllm_sepllm.kv_manager:SepLLMManager.evict",
     "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",
     "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
@@ -121,6 +123,8 @@ PHASES = [
     "vllm_sepllm.worker:SepLLMRunnerMixin._prepare_inputs",
     "vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs",
     "vllm.v1.worker.gpu_model_runner:GPUModelRunner._build_attention_metadata",
+    "vllm_sepllm.worker_v2:SepLLMV2RunnerMixin.update_requests",
+    "vllm_sepllm.worker_v2:SepLLMV2RunnerMixin.prepare_inputs",
     "vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward",
     "vllm.v1.engine.output_processor:OutputProcessor.process_outputs",
 ]
