@@ -7,7 +7,8 @@
 # check), w1tp2 (W1 pair at tensor parallel 2), stream_gpu1 (the 4M-token PE-shift stream on GPU 1,
 # in the background; wait_bg waits), agree (vllm bench vs throughput.py, GPU 0), pytest (GPU tests,
 # PYTEST_ARGS), timeline_x2 (decode-step timeline, FLASH_ATTN vs SEPLLM, profile_step.py --timeline),
-# host (scheduler host time per decode step, benchmarks/host_step.py), pytest_gpu1 (PYTEST1_ARGS
+# host (scheduler host time per decode step, benchmarks/host_step.py), timeline (the same on GPU 0
+# alone: TL_* variables, TL_TREE an older checkout for before/after), pytest_gpu1 (PYTEST1_ARGS
 # on GPU 1 in the background; wait_bg waits), prefix_light|prefix_heavy (prefix-cached serving,
 # `vllm serve` + `vllm bench serve`, FLASH_ATTN vs SEPLLM, benchmarks/prefix_serve.sh; PREFIX_S each),
 # families (WF pair FLASH_ATTN vs SEPLLM:a4s64w256c356 per model shape of common.SHAPES, GPU 0,
@@ -139,6 +140,19 @@ for step in "$@"; do
           --out "$OUT/h200_timeline_gpu${g}_${b,,}.txt" > /tmp/timeline_$g.log 2>&1 &
       done
       wait; for f in "$OUT"/h200_timeline_*.txt; do head -22 "$f"; done ;;
+    timeline)  # decode-step timeline on GPU 0 (profile_step.py --timeline 20, 512 x (1,024 + 512)):
+      # TL_BACKEND (SEPLLM), TL_SEPLLM (its JSON, default a4 s64 w256), TL_TREE (run another
+      # checkout's code from there, e.g. an older commit's tree for a before/after pair; it gets
+      # this build's extension), TL_TAG (file name: $OUT/h200_timeline_$TL_TAG.txt)
+      tree=${TL_TREE:-.}; tag=${TL_TAG:-${TL_BACKEND:-SEPLLM}}
+      if [ "$tree" != . ]; then
+        cp vllm_sepllm/_C*.so "$tree/vllm_sepllm/"; ln -sfn "$PWD/.gpu" "$tree/.gpu"; ln -sfn "$PWD/.bench-data" "$tree/.bench-data"
+      fi
+      (cd "$tree" && CUDA_VISIBLE_DEVICES=0 timeout ${TL_S:-240} python3 benchmarks/profile_step.py \
+        --backend ${TL_BACKEND:-SEPLLM} --timeline 20 ${TL_SEPLLM:+--sepllm "$TL_SEPLLM"} --num-requests 512 \
+        --prompt-len 1024 --output-len 512 --out "$OUT/h200_timeline_$tag.txt" > "/tmp/timeline_$tag.log" 2>&1
+       echo "timeline $tag rc=$?")
+      [ -f "$OUT/h200_timeline_$tag.txt" ] && head -24 "$OUT/h200_timeline_$tag.txt" || tail -20 "/tmp/timeline_$tag.log" ;;
     host)  # scheduler-side host time per decode step at 512 requests, vLLM alone vs SEPLLM (CPU only)
       for c in "" ', "cache_size": 356'; do
         timeout ${HOST_S:-120} python3 benchmarks/host_step.py --tokenizer-dir .gpu/tok --steps 100 \
