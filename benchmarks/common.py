@@ -229,10 +229,12 @@ def environment() -> dict:
 
 
 def dirty_files() -> list[str]:
-    """Tracked plugin/benchmark/test files modified in the working tree (they ran, uncommitted)."""
+    """Tracked plugin/benchmark/test files modified in the working tree (they ran, uncommitted);
+    results are not code (they are moved out of the tree for the trip to the GPU machine)."""
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                              "vllm_sepllm", "benchmarks", "tests"], cwd=ROOT,
+                              "vllm_sepllm", "benchmarks", "tests", ":!benchmarks/results"],
+                             cwd=ROOT,
                              capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return []
