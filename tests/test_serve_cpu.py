@@ -1,25 +1,15 @@
 """Serving on CPU: `vllm-sepllm serve MODEL --attention-backend SEPLLM` (vLLM's OpenAI server),
 a completion and a chat request, per-request settings through `vllm_xargs`, and a bad setting
-answered with HTTP 400 naming the field while the server keeps serving."""
+answered with HTTP 400 naming the field while the server keeps serving. The server (a4 s16 w64,
+float32, eager) is conftest's ``sepllm_http``, shared with test_metrics_cpu.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
@@ -32,34 +22,9 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-@pytest.fixture(scope="module")
-def server(model_path, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "vllm_sepllm.cli", "serve", model_path,
-           "--attention-backend", "SEPLLM", "--port", str(port), "--host", "127.0.0.1",
-           "--additional-config", json.dumps({"sepllm": {"window": 64, "sep_cap": 16}}),
-           "--max-model-len", "2048", "--enforce-eager", "--dtype", "float32",
-           "--max-num-seqs", "8", "--max-num-batched-tokens", "512"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(2)
-    else:
-        proc.kill()
-        pytest.fail("server did not start")
-    yield base, model_path
-    proc.terminate()
-    proc.wait(timeout=60)
+@pytest.fixture
+def server(sepllm_http):
+    return sepllm_http
 
 
 def test_completion_and_chat(server):
