@@ -80,6 +80,19 @@ print(f"family {tag}: rc={rc}{'' if os.path.exists(path) else ' (no JSON)'}, out
 PY
 }
 
+timeline_run() {  # timeline_run GPU BACKEND SEPLLM_JSON TAG TREE: profile_step.py --timeline 20,
+  # 512 x (1,024 + 512), into $OUT/h200_timeline_TAG.txt; TREE another checkout (gets this build's
+  # extension, .gpu and .bench-data)
+  local gpu=$1 backend=$2 sepllm=$3 tag=$4 tree=$5
+  if [ "$tree" != . ]; then
+    cp vllm_sepllm/_C*.so "$tree/vllm_sepllm/"; ln -sfn "$PWD/.gpu" "$tree/.gpu"; ln -sfn "$PWD/.bench-data" "$tree/.bench-data"
+  fi
+  (cd "$tree" && CUDA_VISIBLE_DEVICES=$gpu timeout ${TL_S:-300} python3 benchmarks/profile_step.py \
+    --backend "$backend" --timeline 20 ${sepllm:+--sepllm "$sepllm"} --num-requests 512 \
+    --prompt-len 1024 --output-len 512 --out "$OUT/h200_timeline_$tag.txt" > "/tmp/timeline_$tag.log" 2>&1
+   echo "timeline $tag rc=$?")
+}
+
 for step in "$@"; do
   echo "=== $step at $(( $(date +%s) - t0 )) s"
   case $step in
@@ -132,26 +145,15 @@ for step in "$@"; do
            echo "agree rc=$?"; tail -30 "$OUT/agree.log" ;;
     timeline_x2)  # decode-step timeline on both GPUs: TL_B0/TL_B1 backends (FLASH_ATTN, SEPLLM),
       # TL_S0/TL_S1 their sepllm JSON (default a4 s64 w256)
-      for g in 0 1; do
-        b=$([ $g = 0 ] && echo ${TL_B0:-FLASH_ATTN} || echo ${TL_B1:-SEPLLM})
-        s=$([ $g = 0 ] && echo "${TL_S0:-}" || echo "${TL_S1:-}")
-        CUDA_VISIBLE_DEVICES=$g timeout ${TL_S:-300} python3 benchmarks/profile_step.py --backend $b --timeline 20 \
-          ${s:+--sepllm "$s"} --num-requests 512 --prompt-len 1024 --output-len 512 \
-          --out "$OUT/h200_timeline_gpu${g}_${b,,}.txt" > /tmp/timeline_$g.log 2>&1 &
-      done
-      wait; for f in "$OUT"/h200_timeline_*.txt; do head -22 "$f"; done ;;
-    timeline)  # decode-step timeline on GPU 0 (profile_step.py --timeline 20, 512 x (1,024 + 512)):
-      # TL_BACKEND (SEPLLM), TL_SEPLLM (its JSON, default a4 s64 w256), TL_TREE (run another
-      # checkout's code from there, e.g. an older commit's tree for a before/after pair; it gets
-      # this build's extension), TL_TAG (file name: $OUT/h200_timeline_$TL_TAG.txt)
-      tree=${TL_TREE:-.}; tag=${TL_TAG:-${TL_BACKEND:-SEPLLM}}
-      if [ "$tree" != . ]; then
-        cp vllm_sepllm/_C*.so "$tree/vllm_sepllm/"; ln -sfn "$PWD/.gpu" "$tree/.gpu"; ln -sfn "$PWD/.bench-data" "$tree/.bench-data"
-      fi
-      (cd "$tree" && CUDA_VISIBLE_DEVICES=0 timeout ${TL_S:-240} python3 benchmarks/profile_step.py \
-        --backend ${TL_BACKEND:-SEPLLM} --timeline 20 ${TL_SEPLLM:+--sepllm "$TL_SEPLLM"} --num-requests 512 \
-        --prompt-len 1024 --output-len 512 --out "$OUT/h200_timeline_$tag.txt" > "/tmp/timeline_$tag.log" 2>&1
-       echo "timeline $tag rc=$?")
+      b0=${TL_B0:-FLASH_ATTN} b1=${TL_B1:-SEPLLM}
+      timeline_run 0 "$b0" "${TL_S0:-}" "gpu0_${b0,,}" . &
+      timeline_run 1 "$b1" "${TL_S1:-}" "gpu1_${b1,,}" .
+      wait; for f in "$OUT"/h200_timeline_gpu*.txt; do head -22 "$f"; done ;;
+    timeline)  # decode-step timeline on GPU 0: TL_BACKEND (SEPLLM), TL_SEPLLM (its JSON, default
+      # a4 s64 w256), TL_TREE (run another checkout's code from there, e.g. an older commit's tree
+      # for a before/after pair on one machine), TL_TAG (file: $OUT/h200_timeline_$TL_TAG.txt)
+      tag=${TL_TAG:-${TL_BACKEND:-SEPLLM}}
+      timeline_run 0 ${TL_BACKEND:-SEPLLM} "${TL_SEPLLM:-}" "$tag" "${TL_TREE:-.}"
       [ -f "$OUT/h200_timeline_$tag.txt" ] && head -24 "$OUT/h200_timeline_$tag.txt" || tail -20 "/tmp/timeline_$tag.log" ;;
     host)  # scheduler-side host time per decode step at 512 requests, vLLM alone vs SEPLLM (CPU only)
       for c in "" ', "cache_size": 356'; do
