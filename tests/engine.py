@@ -59,6 +59,27 @@ def greedy_ids(llm, prompt_ids: list[list[int]], max_tokens: int) -> list[list[i
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
+def each_or_error(items, fn) -> list:
+    """``[fn(item) ...]`` in a probe process, an item that raises giving ``{"error": the end of
+    its traceback}`` instead, so the other items still run and the test names the failure
+    (:func:`probe_ok`)."""
+    import traceback
+
+    out = []
+    for item in items:
+        try:
+            out.append(fn(item))
+        except Exception:  # noqa: BLE001 - reported to the test, which shows it
+            out.append({"error": traceback.format_exc()[-6000:]})
+    return out
+
+
+def probe_ok(result: dict, what: str) -> dict:
+    """A probe's result for ``what``, failing the test with the probe's traceback if it raised."""
+    assert "error" not in result, f"{what}: the engine failed in the probe:\n{result['error']}"
+    return result
+
+
 def run_probe(module: str, *args: str) -> dict:
     """Run ``python -m module args...`` from the repository root (an in-process engine kept
     out of the pytest process, whose CPU thread binding it would change) and return the JSON

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
 
 
 def main() -> None:
@@ -23,12 +22,9 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     with open(spec_file) as f:
         runs = json.load(f)
-    results = []
-    for spec in runs:
-        try:
-            results.append(run(spec["mode"], model, spec))
-        except Exception:  # noqa: BLE001 - reported to the test, which shows it
-            results.append({"error": traceback.format_exc()[-6000:]})
+    from tests.engine import each_or_error
+
+    results = each_or_error(runs, lambda spec: run(spec["mode"], model, spec))
     print("PROBE " + json.dumps(results), flush=True)
 
 

@@ -69,12 +69,9 @@ def main() -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
     with open(sys.argv[1]) as f:
         spec = json.load(f)
-    results = []
-    for run in spec["runs"]:
-        try:
-            results.append(run_one(spec["model"], run))
-        except Exception as e:  # noqa: BLE001 - reported to the test, which names it
-            results.append({"error": f"{type(e).__name__}: {e}"[:2000]})
+    from tests.engine import each_or_error
+
+    results = each_or_error(spec["runs"], lambda run: run_one(spec["model"], run))
     print("PROBE " + json.dumps({"runs": results}), flush=True)
 
 

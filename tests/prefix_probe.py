@@ -18,25 +18,23 @@ import hashlib
 import json
 import os
 import sys
-import traceback
 
 
 def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler and KV are in reach
+    from tests.engine import each_or_error
     from tests.generate_probe import run_one
 
     with open(sys.argv[1]) as f:
         spec = json.load(f)
-    results = []
-    for job in spec["jobs"]:
-        try:
-            if "prefix" in job:
-                results.append(prefix_job(dict(job["prefix"], model=spec["model"],
-                                               new_tokens=spec["new_tokens"])))
-            else:
-                results.append(run_one(spec["model"], job["greedy"]))
-        except Exception:  # noqa: BLE001 - reported to the test, which shows it
-            results.append({"error": traceback.format_exc()[-6000:]})
+
+    def job_result(job: dict) -> dict:
+        if "prefix" in job:
+            return prefix_job(dict(job["prefix"], model=spec["model"],
+                                   new_tokens=spec["new_tokens"]))
+        return run_one(spec["model"], job["greedy"])
+
+    results = each_or_error(spec["jobs"], job_result)
     print("PROBE " + json.dumps(results), flush=True)
 
 

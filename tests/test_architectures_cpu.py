@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.common import SHAPES, make_random_model
-from tests.engine import run_probe
+from tests.engine import probe_ok, run_probe
 from tests.oracle_hf import greedy_generate
 
 SEPLLM = {"num_sinks": 4, "sep_cap": 16, "window": 64}
@@ -100,7 +100,7 @@ def runs(tmp_path_factory, model_path, prompts) -> dict[str, tuple[str, list]]:
 def test_family_equals_hf_oracle(runs, prompts, sep_ids, name, rule):
     model, per_rule = runs[name]
     run = per_rule[list(RULES).index(rule)]
-    assert "error" not in run, f"{name}: vLLM + SEPLLM failed: {run.get('error')}"
+    probe_ok(run, f"{name} {rule}")
     cache_size = RULES[rule]
     got = [(r["tokens"], r["kv"]) for r in run["requests"]]
     kept = cache_size or SEPLLM["num_sinks"] + SEPLLM["sep_cap"] + SEPLLM["window"]

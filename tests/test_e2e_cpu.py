@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.engine import run_probe
+from tests.engine import probe_ok, run_probe
 from tests.oracle_hf import greedy_generate
 
 NUM_PROMPTS = 16
@@ -55,14 +55,9 @@ def runs(model_path, prompts, tmp_path_factory) -> dict[str, dict]:
     return dict(zip(engines, res))
 
 
-def _ok(run: dict, name: str) -> dict:
-    assert "error" not in run, f"{name}: the engine failed: {run['error']}"
-    return run
-
-
 @pytest.fixture(scope="module")
 def sepllm_run(runs):
-    run = _ok(runs["sepllm"], "SEPLLM")
+    run = probe_ok(runs["sepllm"], "SEPLLM")
     return run["tokens"], set(run["separator_token_ids"])
 
 
@@ -88,8 +83,8 @@ def test_eviction_changes_output(model_path, prompts, sepllm_run):
 
 
 def test_large_window_equals_default_backend(runs):
-    default = _ok(runs["default"], "default backend")["tokens"]
-    sepllm = _ok(runs["window2048"], "SEPLLM window 2048")["tokens"]
+    default = probe_ok(runs["default"], "default backend")["tokens"]
+    sepllm = probe_ok(runs["window2048"], "SEPLLM window 2048")["tokens"]
     assert len(default) == NUM_PROMPTS // 2
     assert sepllm == default
 
@@ -101,7 +96,7 @@ def test_batched_eviction_equals_hf_oracle(model_path, prompts, runs):
     token a step. (With prefix caching on, the prompt is one step: tests/test_prefix_cpu.py.)"""
     cfg = BATCHED
     chosen = prompts[::5]
-    run = _ok(runs["batched"], "SEPLLM batched")
+    run = probe_ok(runs["batched"], "SEPLLM batched")
     got, stats, sep_ids = run["tokens"], run["kv"], set(run["separator_token_ids"])
     assert len(got) == len(chosen)
     # Eviction really ran and the cache stayed within c (+ the last step's token).

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.engine import run_probe
+from tests.engine import probe_ok, run_probe
 from tests.oracle_hf import greedy_generate
 
 SEPLLM = {"num_sinks": 4, "sep_cap": 16, "window": 64}
@@ -38,19 +38,13 @@ def probed(model_path, prompts, tmp_path_factory) -> dict[str, dict]:
     return {r["mode"]: out for r, out in zip(runs, res)}
 
 
-def probe(probed: dict, mode: str) -> dict:
-    res = probed[mode]
-    assert "error" not in res, f"{mode} run failed in the probe:\n{res['error']}"
-    return res
-
-
 def test_preempted_requests_recompute_to_the_same_tokens(model_path, tokenizer, prompts,
                                                          probed):
     """Every running request is preempted four times (vLLM's own preemption path); all 16
     still equal the oracle. Two requests carry their own settings (extra_args), and a bad
     per-request setting is refused up front without disturbing the engine."""
     overrides = OVERRIDES
-    res = probe(probed, "preempt")
+    res = probe_ok(probed["preempt"], "preempt")
     assert res["bad_request_error"] == "sepllm.window must be a positive integer, got 0"
     assert res["preemptions"] >= 16  # four rounds of preempting every running request
     sep_ids = _separator_ids(tokenizer)
@@ -66,7 +60,7 @@ def test_preempted_requests_recompute_to_the_same_tokens(model_path, tokenizer, 
 
 
 def test_abort_returns_every_block(prompts, probed):
-    res = probe(probed, "abort")
+    res = probe_ok(probed["abort"], "abort")
     assert res["aborted"] and res["unfinished_aborted"]
     done = [t for t in res["tokens"] if t is not None]
     assert len(done) >= len(prompts) - len(res["aborted"])

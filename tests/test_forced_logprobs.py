@@ -39,7 +39,7 @@ import torch
 
 from benchmarks.common import LLAMA3_8B, SHAPES, make_random_model, real_prompts_and_continuations
 from benchmarks.replay import FQCN
-from tests.engine import cpu_engine_kwargs, engine, run_probe
+from tests.engine import cpu_engine_kwargs, engine, probe_ok, run_probe
 from tests.oracle_hf import forced_logprobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,7 +163,7 @@ def _run(model: str, reqs, sepllm: dict | None, backend: str = "SEPLLM",
     From ``probed`` where it ran these (CPU, ``requests_``), else an engine started here."""
     found = (probed or {}).get(_key(model, sepllm, backend, extra))
     if found is not None:
-        assert "error" not in found, f"the engine failed in the probe: {found['error']}"
+        probe_ok(found, f"{backend} {sepllm} {extra}")
         toks, lps, kvs, cached = found["tokens"], found["logprobs"], found["kv"], found["cached"]
         seps = found["separator_token_ids"]
     else:

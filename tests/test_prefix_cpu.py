@@ -19,7 +19,7 @@ import json
 
 import pytest
 
-from tests.engine import run_probe
+from tests.engine import probe_ok, run_probe
 from tests.oracle_hf import greedy_generate
 
 BLOCK = 16
@@ -60,12 +60,6 @@ def probed(model_path, texts, tmp_path_factory) -> dict[str, dict]:
     path.write_text(json.dumps({"model": model_path, "new_tokens": NEW_TOKENS,
                                 "jobs": list(jobs.values())}))
     return dict(zip(jobs, run_probe("tests.prefix_probe", str(path))))
-
-
-def probe(probed: dict, job: str) -> dict:
-    res = probed[job]
-    assert "error" not in res, f"{job}: the engine failed in the probe:\n{res['error']}"
-    return res
 
 
 def requests_for(texts) -> tuple[dict, list[str], dict[str, int]]:
@@ -113,7 +107,7 @@ def test_prefix_hits_equal_cold_and_oracle(model_path, tokenizer, texts, probed,
     # Exact eviction shares only between equal rules; batched eviction computes every prompt
     # with plain causal attention, so a different window still shares.
     no_share = {"a_w32", "a_stream"} if cache_size is None else set()
-    res = probe(probed, rule)
+    res = probe_ok(probed[rule], rule)
 
     cold = res["cold"]
     hit = {**res["leaders"], **res["followers"]}
@@ -156,7 +150,7 @@ def test_one_token_prompt_chunks(model_path, tokenizer, texts, probed):
     prompt chunk (a budget remainder; here every chunk, ``long_prefill_token_threshold=1``)
     still needs the mask: the scheduler marks such rows and the backend masks them."""
     prompts = one_token_prompts(texts)
-    got = probe(probed, "one_token")["tokens"]
+    got = probe_ok(probed["one_token"], "one-token chunks")["tokens"]
     sep_ids = sep_ids_of(tokenizer)
     assert got == [greedy_generate(model_path, p, ONE_TOKEN_NEW, sep_ids, ENGINE["num_sinks"],
                                    ENGINE["sep_cap"], ENGINE["window"]) for p in prompts]
