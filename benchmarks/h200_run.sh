@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call on the lent H200(s): set up (bundle + CUDA extension), then the named steps.
 #   bash benchmarks/h200_run.sh STEP...      (logs and JSON under $OUT; see benchmarks/README.md)
-# Steps: ktests (GPU kernel tests), kbench (kernel benchmarks), w0|w1|w2 (throughput pairs,
-# FLASH_ATTN vs SEPLLM), w0x2|w1x2|w2x2 (the pair's two engines at once, one per GPU, on the
-# 2-GPU machine), cli (serve + chat + bench through vLLM's CLI), tp2 (tensor parallel 2 token
+# Steps: ktests (GPU kernel tests), kbench (kernel benchmarks), w0|w1|w2 (throughput pairs on one
+# GPU, FLASH_ATTN vs SEPLLM; w1/w2: W_RUNS, W_ARGS, W_S), w0x2|w1x2|w2x2 (the pair's two engines
+# at once, one per GPU, on the 2-GPU machine), cli (serve + chat + bench through vLLM's CLI), tp2 (tensor parallel 2 token
 # check), w1tp2 (W1 pair at tensor parallel 2), stream_gpu1 (the 4M-token PE-shift stream on GPU 1,
 # in the background; wait_bg waits), agree (vllm bench vs throughput.py, GPU 0), pytest (GPU tests,
 # PYTEST_ARGS), timeline_x2 (decode-step timeline, FLASH_ATTN vs SEPLLM, profile_step.py --timeline),
@@ -109,6 +109,9 @@ for step in "$@"; do
     kbench) timeout ${KBENCH_S:-150} python3 benchmarks/kernels.py --only ${KBENCH_ONLY:-prefill decode} \
               --out "$OUT/h200_kernels.json" > "$OUT/kernels.log" 2>&1; echo "kbench rc=$?"; tail -30 "$OUT/kernels.log" ;;
     w0) pair W0 ${W_S:-400} FLASH_ATTN SEPLLM:a4s64w256 ;;
+    w1|w2)  # one GPU, one call: W_RUNS one after the other (SEPLLM c356 first, then FLASH_ATTN),
+      # W_ARGS (default --fast-start: engines start in ~20 s, so a W2 pair fits one call)
+      pair ${step^^} ${W_S:-560} ${W_RUNS:-SEPLLM:a4s64w256c356 FLASH_ATTN} ${W_ARGS---fast-start} ;;
     kernels_gpu1)  # kernel tests then benchmarks on GPU 1, in the background of the next steps
       (export CUDA_VISIBLE_DEVICES=1
        timeout ${KTESTS_S:-200} python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -m gpu \
