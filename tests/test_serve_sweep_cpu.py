@@ -54,6 +54,34 @@ def test_summary_best_goodput_and_rate_at_slo():
     assert s["SEPLLM c"]["best_goodput_vs_baseline"] == 3.0
 
 
+def test_merge_keeps_every_point_once_with_its_source(tmp_path):
+    from benchmarks.serve import main
+
+    slo = {"ttft_ms": 2000, "tpot_ms": 50}
+
+    def rec(backend, config, rate, goodput, workload="long-gen"):
+        return {"workload": workload, "backend": backend, "config": config,
+                "request_rate": rate, "goodput": goodput, "slo_attainment": 1.0,
+                "out_tok_per_s": 1.0, "p99_ttft_ms": 100, "p99_tpot_ms": 20, "p99_itl_ms": 30,
+                "kv_usage_peak": 0.1, "preemptions": 0, "slo": slo}
+
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps({"records": [rec("FLASH_ATTN", "-", 1.5, 1.0),
+                                         rec("SEPLLM", "c356", 5, 3.4)]}))
+    b.write_text(json.dumps({"records": [rec("FLASH_ATTN", "-", 2, 1.3),
+                                         rec("SEPLLM", "c356", 5, 3.5)]}))
+    out = tmp_path / "all.json"
+    assert main(["--merge", str(a), str(b), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    got = [(r["backend"], r["request_rate"], r["goodput"], r["source"]) for r in data["records"]]
+    assert got == [("FLASH_ATTN", 1.5, 1.0, "a.json"), ("FLASH_ATTN", 2, 1.3, "b.json"),
+                   ("SEPLLM", 5, 3.5, "b.json")]
+    assert data["summary"]["SEPLLM c356"]["best_goodput_vs_baseline"] == round(3.5 / 1.3, 2)
+    c.write_text(json.dumps({"records": [rec("FLASH_ATTN", "-", 1, 0.9, workload="chat")]}))
+    with pytest.raises(SystemExit, match="several workloads"):
+        main(["--merge", str(a), str(c), "--out", str(out)])
+
+
 def test_serve_sweep_default_vs_sepllm(tmp_path):
     out = tmp_path / "cpu_serve_tiny.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--cpu", "--workload", "tiny",
