@@ -55,6 +55,10 @@ SHAPES = {
                           num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
                           head_dim=128, vocab_size=151936, max_position_embeddings=40960,
                           rope_theta=1000000.0, rms_norm_eps=1e-6, attention_bias=False),
+    # Llama-3-70B's published config: 80 layers, 64 query heads over 8 KV heads (2 a rank at
+    # TP=4), for the multi-GPU runs (throughput.py --tensor-parallel-size 4).
+    "llama3-70b": dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672,
+                       num_hidden_layers=80, num_attention_heads=64),
 }
 
 

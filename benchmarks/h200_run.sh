@@ -20,7 +20,9 @@
 # writes $OUT/h200_soak.json and $OUT/soak.log), v2check (benchmarks/v2_check.py: V1 vs V2 model
 # runner, greedy tokens; V2_S, V2_ARGS), w2runner (W2 throughput, SEPLLM c356 on V1 then V2, no
 # replay; RUNNER_RUNS, RUNNER_ARGS, W_S), serve (benchmarks/serve.py: goodput at the latency SLOs
-# under vllm serve, FLASH_ATTN vs SEPLLM over a rate sweep; SERVE_* variables, see the step).
+# under vllm serve, FLASH_ATTN vs SEPLLM over a rate sweep; SERVE_* variables, see the step),
+# tp4 (4-GPU machine: W2 pair at TP=4, Llama-3-70B shape), dp2 (2-GPU machine: SEPLLM serving at
+# data parallel 1 then 2).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git_commit=$(cat .commit 2>/dev/null || echo unknown)
@@ -112,6 +114,24 @@ for step in "$@"; do
     w1|w2)  # one GPU, one call: W_RUNS one after the other (SEPLLM c356 first, then FLASH_ATTN),
       # W_ARGS (default --fast-start: engines start in ~20 s, so a W2 pair fits one call)
       pair ${step^^} ${W_S:-560} ${W_RUNS:-SEPLLM:a4s64w256c356 FLASH_ATTN} ${W_ARGS---fast-start} ;;
+    tp4)  # 4-GPU machine: W2 pair at tensor parallel 4 on the Llama-3-70B shape (SEPLLM c356 first)
+      timeout ${W_S:-560} python3 benchmarks/throughput.py --workload ${TP4_WORKLOAD:-W2} \
+        --model-shape llama3-70b --tensor-parallel-size 4 --fast-start \
+        --runs ${W_RUNS:-SEPLLM:a4s64w256c356 FLASH_ATTN} --no-progress \
+        --out "$OUT/h200x4_tp4_${TP4_WORKLOAD:-W2}.json" > "$OUT/tp4.log" 2>&1; echo "tp4 rc=$?"
+      grep -v "Capturing CUDA graphs\|it/s\]" "$OUT/tp4.log" | tail -300 > "$OUT/tp4.tmp"; mv "$OUT/tp4.tmp" "$OUT/tp4.log"
+      tail -12 "$OUT/tp4.log" ;;
+    dp2)  # 2-GPU machine: SEPLLM c356 serving long generation at data parallel 1 (DP1_RATE) then
+      # 2 (DP2_RATE, one engine core per GPU), serve.py; DP_SPAN s of arrivals, DP_BUDGET s each
+      for dp in 1 2; do
+        rate=$([ $dp = 1 ] && echo ${DP1_RATE:-5} || echo ${DP2_RATE:-10})
+        timeout -k 10 ${DP_S:-280} python3 benchmarks/serve.py --workload long-gen \
+          --backends SEPLLM:a4s64w256c356 --rates $rate --span ${DP_SPAN:-90} \
+          --budget-s ${DP_BUDGET:-270} --max-num-seqs 512 --stream-interval 8 --fast-start \
+          --server-arg=--data-parallel-size=$dp --tokenizer-dir .gpu/tok --keep-logs \
+          --out "$OUT/h200x2_serve_dp$dp.json" > "$OUT/serve_dp$dp.log" 2>&1; echo "dp$dp rc=$?"
+        tail -6 "$OUT/serve_dp$dp.log"
+      done ;;
     kernels_gpu1)  # kernel tests then benchmarks on GPU 1, in the background of the next steps
       (export CUDA_VISIBLE_DEVICES=1
        timeout ${KTESTS_S:-200} python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -m gpu \

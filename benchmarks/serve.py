@@ -36,7 +36,8 @@ Per record: ``workload, backend, config, request_rate, num_prompts, goodput`` (v
 2,000 and ``--slo-tpot-ms`` 50, each request's TTFT and mean TPOT), ``slo_attainment`` (the share
 of requests that met them), ``meets_slo`` (the point's p99 TTFT and p99 TPOT within the SLOs), ``out_tok_per_s, request_throughput, duration_s``, mean / p50 / p90
 / p99 of ``ttft, tpot, itl, e2el`` in ms (``p99_ttft_ms``...), ``kv_usage_peak`` / ``kv_usage_mean``
-(``vllm:kv_cache_usage_perc``, 0–1), ``running_peak``, ``waiting_peak``, ``preemptions``, prefix-cache
+(``vllm:kv_cache_usage_perc``, 0–1; with data parallelism, ``--server-arg=--data-parallel-size=N``,
+the mean over the engines' pools, and ``kv_usage_peak_engine`` the fullest engine's), ``running_peak``, ``waiting_peak``, ``preemptions``, prefix-cache
 and ``sepllm_*`` counter deltas, ``replay_exact`` (share of outputs equal to their continuation),
 prompt and output separator rates, server flags, ``server_start_s``, ``gpu``, ``commit``,
 ``vllm_version``. Then a summary per backend (best goodput, the highest rate whose p99 TTFT and p99 TPOT
@@ -134,21 +135,43 @@ def length_stats(seqs: list[list[int]]) -> dict:
 
 
 # ---------------------------------------------------------------------------- metrics
-_LINE = re.compile(r"^(vllm:[a-zA-Z_:]+)(?:\{[^}]*\})? ([-+0-9.eEinfNa]+)$")
+_LINE = re.compile(r"^(vllm:[a-zA-Z_:]+)(\{[^}]*\})? ([-+0-9.eEinfNa]+)$")
+_ENGINE = re.compile(r'engine="([^"]*)"')
 GAUGES = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting",
           "vllm:sepllm_retained_tokens", "vllm:sepllm_kv_blocks_used")
+#: Shares of one engine's pool: with data parallelism (one engine core and pool per rank, the
+#: ``engine`` label) the server's figure is their mean; the per-engine maximum is kept too.
+_SHARES = ("vllm:kv_cache_usage_perc",)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """``/metrics`` text as {name: value summed over its labels} (vllm:* series only), except
+    :data:`_SHARES`: the mean over the ``engine`` label, and ``<name>:max_engine`` the highest
+    engine's value (data parallelism runs an engine, with its own KV pool, per rank)."""
+    out: dict[str, float] = {}
+    shares: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        name, labels, value = m[1], m[2] or "", float(m[3])
+        if name in _SHARES:
+            engine = _ENGINE.search(labels)
+            per = shares.setdefault(name, {})
+            key = engine[1] if engine else ""
+            per[key] = per.get(key, 0.0) + value
+        else:
+            out[name] = out.get(name, 0.0) + value
+    for name, per in shares.items():
+        out[name] = sum(per.values()) / len(per)
+        out[name + ":max_engine"] = max(per.values())
+    return out
 
 
 def scrape(base: str) -> dict[str, float]:
-    """``/metrics`` as {name: value summed over its labels} (vllm:* series only)."""
+    """:func:`parse_metrics` of the server's ``/metrics``."""
     with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _LINE.match(line)
-        if m:
-            out[m[1]] = out.get(m[1], 0.0) + float(m[2])
-    return out
+        return parse_metrics(r.read().decode())
 
 
 def counter_deltas(before: dict, after: dict) -> dict:
@@ -171,7 +194,8 @@ class Poller(threading.Thread):
         while not self.halt.is_set():
             try:
                 m = scrape(self.base)
-                self.samples.append({g: m[g] for g in GAUGES if g in m})
+                self.samples.append({g: m[g] for g in (*GAUGES, "vllm:kv_cache_usage_perc"
+                                                       ":max_engine") if g in m})
             except OSError:
                 pass
             self.halt.wait(self.period)
@@ -181,8 +205,10 @@ class Poller(threading.Thread):
             return [s[g] for s in self.samples if g in s]
 
         kv = col("vllm:kv_cache_usage_perc")
+        kv_engine = col("vllm:kv_cache_usage_perc:max_engine")
         out = {"kv_usage_peak": round(max(kv), 4) if kv else None,
                "kv_usage_mean": round(sum(kv) / len(kv), 4) if kv else None,
+               "kv_usage_peak_engine": round(max(kv_engine), 4) if kv_engine else None,
                "running_peak": max(col("vllm:num_requests_running"), default=None),
                "waiting_peak": max(col("vllm:num_requests_waiting"), default=None),
                "metric_samples": len(self.samples)}

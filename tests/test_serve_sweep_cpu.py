@@ -134,3 +134,27 @@ def test_point_against_a_dead_server_is_an_error_record(tmp_path):
                     30, tmp_path, "t")
     assert rec["error"].startswith("server unreachable") and rec["request_rate"] == 2.0
     assert "server unreachable" in point_line(dict(rec, backend="SEPLLM", config="-"))
+
+
+def test_metrics_of_data_parallel_engines():
+    """Counters and request counts add up over the engines; KV usage is a share of each
+    engine's own pool, so the server's figure is their mean (and the fullest engine's kept)."""
+    from benchmarks.serve import parse_metrics
+
+    text = "\n".join([
+        '# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.',
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5',
+        'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.25',
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0',
+        'vllm:num_requests_running{engine="1",model_name="m"} 4.0',
+        'vllm:sepllm_evicted_tokens_total{engine="0",model_name="m"} 10.0',
+        'vllm:sepllm_evicted_tokens_total{engine="1",model_name="m"} 5.0',
+        'python_gc_objects_collected_total{generation="0"} 7.0'])
+    m = parse_metrics(text)
+    assert m["vllm:kv_cache_usage_perc"] == 0.375
+    assert m["vllm:kv_cache_usage_perc:max_engine"] == 0.5
+    assert m["vllm:num_requests_running"] == 7.0
+    assert m["vllm:sepllm_evicted_tokens_total"] == 15.0
+    assert not any(k.startswith("python") for k in m)
+    one = parse_metrics('vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5')
+    assert one == {"vllm:kv_cache_usage_perc": 0.5, "vllm:kv_cache_usage_perc:max_engine": 0.5}
