@@ -112,10 +112,12 @@ for step in "$@"; do
               --out "$OUT/h200_kernels.json" > "$OUT/kernels.log" 2>&1; echo "kbench rc=$?"; tail -30 "$OUT/kernels.log" ;;
     w0) pair W0 ${W_S:-400} FLASH_ATTN SEPLLM:a4s64w256 ;;
     w1|w2)  # one GPU, one call: W_RUNS one after the other (SEPLLM c356 first, then FLASH_ATTN),
-      # W_ARGS (default --fast-start: engines start in ~20 s, so a W2 pair fits one call)
-      pair ${step^^} ${W_S:-560} ${W_RUNS:-SEPLLM:a4s64w256c356 FLASH_ATTN} ${W_ARGS---fast-start} ;;
-    tp4)  # 4-GPU machine: W2 pair at tensor parallel 4 on the Llama-3-70B shape (SEPLLM c356 first)
-      timeout ${W_S:-560} python3 benchmarks/throughput.py --workload ${TP4_WORKLOAD:-W2} \
+      # W_ARGS (default --fast-start: engines start in ~15 s, so a W2 pair fits one call)
+      pair ${step^^} ${W_S:-545} ${W_RUNS:-SEPLLM:a4s64w256c356 FLASH_ATTN} ${W_ARGS---fast-start} ;;
+    tp4)  # 4-GPU machine: W2 pair at tensor parallel 4 on the Llama-3-70B shape (SEPLLM c356 first;
+      # the JSON is written after each run; by estimate FLASH_ATTN alone needs ~300-400 s, so
+      # W_RUNS=FLASH_ATTN in a call of its own may be needed)
+      timeout ${W_S:-545} python3 benchmarks/throughput.py --workload ${TP4_WORKLOAD:-W2} \
         --model-shape llama3-70b --tensor-parallel-size 4 --fast-start \
         --runs ${W_RUNS:-SEPLLM:a4s64w256c356 FLASH_ATTN} --no-progress \
         --out "$OUT/h200x4_tp4_${TP4_WORKLOAD:-W2}.json" > "$OUT/tp4.log" 2>&1; echo "tp4 rc=$?"
@@ -123,13 +125,17 @@ for step in "$@"; do
       tail -12 "$OUT/tp4.log" ;;
     dp2)  # 2-GPU machine: SEPLLM c356 serving long generation at data parallel 1 (DP1_RATE) then
       # 2 (DP2_RATE, one engine core per GPU), serve.py; DP_SPAN s of arrivals, DP_BUDGET s each
+      # (serve.py stops its server on SIGTERM; -k leaves time for that)
       for dp in 1 2; do
         rate=$([ $dp = 1 ] && echo ${DP1_RATE:-5} || echo ${DP2_RATE:-10})
-        timeout -k 10 ${DP_S:-280} python3 benchmarks/serve.py --workload long-gen \
-          --backends SEPLLM:a4s64w256c356 --rates $rate --span ${DP_SPAN:-90} \
-          --budget-s ${DP_BUDGET:-270} --max-num-seqs 512 --stream-interval 8 --fast-start \
+        timeout -k 100 ${DP_S:-$(( ${DP_BUDGET:-230} + 40 ))} python3 benchmarks/serve.py \
+          --workload long-gen --backends SEPLLM:a4s64w256c356 --rates $rate --span ${DP_SPAN:-60} \
+          --budget-s ${DP_BUDGET:-230} --max-num-seqs 512 --stream-interval 8 --fast-start \
           --server-arg=--data-parallel-size=$dp --tokenizer-dir .gpu/tok --keep-logs \
           --out "$OUT/h200x2_serve_dp$dp.json" > "$OUT/serve_dp$dp.log" 2>&1; echo "dp$dp rc=$?"
+        for f in "$OUT"/h200x2_serve_dp${dp}_*.server.log; do  # no progress bars
+          [ -f "$f" ] && { grep -v "Capturing CUDA graphs\|it/s\]\|s/it\]" "$f" | tail -150 > "$f.tmp"; mv "$f.tmp" "$f"; }
+        done
         tail -6 "$OUT/serve_dp$dp.log"
       done ;;
     kernels_gpu1)  # kernel tests then benchmarks on GPU 1, in the background of the next steps

