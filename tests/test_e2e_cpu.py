@@ -34,9 +34,22 @@ def prompts(tokenizer):
 BATCHED = dict(SEPLLM, cache_size=SEPLLM["num_sinks"] + SEPLLM["sep_cap"] + SEPLLM["window"] + 36)
 
 
+#: test -> the engines of ``runs`` it reads.
+ENGINES_OF = {
+    "test_sepllm_equals_hf_oracle": ("sepllm",),
+    "test_eviction_changes_output": ("sepllm",),
+    "test_large_window_equals_default_backend": ("default", "window2048"),
+    "test_batched_eviction_equals_hf_oracle": ("batched",),
+}
+
+
 @pytest.fixture(scope="module")
-def runs(model_path, prompts, tmp_path_factory) -> dict[str, dict]:
-    """name -> the probe's result for that engine (tokens, kv figures, separator ids)."""
+def runs(request, model_path, prompts, tmp_path_factory) -> dict[str, dict]:
+    """name -> the probe's result for that engine (tokens, kv figures, separator ids); only the
+    engines that this session's selected tests of this module read are started."""
+    selected = {item.originalname for item in request.session.items
+                if item.module is request.module}
+    wanted = {e for test in selected for e in ENGINES_OF[test]}
     sepllm = {"attention_backend": "SEPLLM"}
     engines = {
         "sepllm": (dict(sepllm, additional_config={"sepllm": SEPLLM}), prompts, False),
@@ -47,6 +60,7 @@ def runs(model_path, prompts, tmp_path_factory) -> dict[str, dict]:
         "batched": (dict(sepllm, enable_prefix_caching=False,
                          additional_config={"sepllm": BATCHED}), prompts[::5], True),
     }
+    engines = {name: e for name, e in engines.items() if name in wanted}
     spec = tmp_path_factory.mktemp("e2e") / "spec.json"
     spec.write_text(json.dumps({"model": model_path, "runs": [
         {"engine": engine, "prompts": ps, "new_tokens": NEW_TOKENS, "alone": alone}
