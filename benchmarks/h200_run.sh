@@ -3,9 +3,9 @@
 #   bash benchmarks/h200_run.sh STEP...      (logs and JSON under $OUT; see benchmarks/README.md)
 # Steps: ktests (GPU kernel tests), kbench (kernel benchmarks), w0|w1|w2 (throughput pairs on one
 # GPU, FLASH_ATTN vs SEPLLM; w1/w2: W_RUNS, W_ARGS, W_S), w0x2|w1x2|w2x2 (the pair's two engines
-# at once, one per GPU, on the 2-GPU machine), cli (serve + chat + bench through vLLM's CLI), tp2 (tensor parallel 2 token
-# check), w1tp2 (W1 pair at tensor parallel 2), stream_gpu1 (the 4M-token PE-shift stream on GPU 1,
-# in the background; wait_bg waits), agree (vllm bench vs throughput.py, GPU 0), pytest (GPU tests,
+# at once, one per GPU, on the 2-GPU machine), cli (serve + chat + bench through vLLM's CLI),
+# tp2 (tensor parallel 2 token check), w1tp2 (W1 pair at tensor parallel 2), stream_gpu1 (the
+# 4M-token PE-shift stream on GPU 1, in the background; wait_bg waits), agree (vllm bench vs throughput.py, GPU 0), pytest (GPU tests,
 # PYTEST_ARGS), timeline_x2 (decode-step timeline, FLASH_ATTN vs SEPLLM, profile_step.py --timeline),
 # host (scheduler host time per decode step, benchmarks/host_step.py), timeline (the same on GPU 0
 # alone: TL_* variables, TL_TREE an older checkout for before/after), pytest_gpu1 (PYTEST1_ARGS
@@ -82,6 +82,12 @@ print(f"family {tag}: rc={rc}{'' if os.path.exists(path) else ' (no JSON)'}, out
 PY
 }
 
+trim_logs() {  # trim_logs FILE...: no progress bars, the last 150 lines
+  for f in "$@"; do
+    [ -f "$f" ] && { grep -v "Capturing CUDA graphs\|it/s\]\|s/it\]" "$f" | tail -150 > "$f.tmp"; mv "$f.tmp" "$f"; }
+  done
+}
+
 timeline_run() {  # timeline_run GPU BACKEND SEPLLM_JSON TAG TREE: profile_step.py --timeline 20,
   # 512 x (1,024 + 512), into $OUT/h200_timeline_TAG.txt; TREE another checkout (gets this build's
   # extension, .gpu and .bench-data)
@@ -114,15 +120,11 @@ for step in "$@"; do
     w1|w2)  # one GPU, one call: W_RUNS one after the other (SEPLLM c356 first, then FLASH_ATTN),
       # W_ARGS (default --fast-start: engines start in ~15 s, so a W2 pair fits one call)
       pair ${step^^} ${W_S:-545} ${W_RUNS:-SEPLLM:a4s64w256c356 FLASH_ATTN} ${W_ARGS---fast-start} ;;
-    tp4)  # 4-GPU machine: W2 pair at tensor parallel 4 on the Llama-3-70B shape (SEPLLM c356 first;
-      # the JSON is written after each run; by estimate FLASH_ATTN alone needs ~300-400 s, so
-      # W_RUNS=FLASH_ATTN in a call of its own may be needed)
-      timeout ${W_S:-545} python3 benchmarks/throughput.py --workload ${TP4_WORKLOAD:-W2} \
-        --model-shape llama3-70b --tensor-parallel-size 4 --fast-start \
-        --runs ${W_RUNS:-SEPLLM:a4s64w256c356 FLASH_ATTN} --no-progress \
-        --out "$OUT/h200x4_tp4_${TP4_WORKLOAD:-W2}.json" > "$OUT/tp4.log" 2>&1; echo "tp4 rc=$?"
-      grep -v "Capturing CUDA graphs\|it/s\]" "$OUT/tp4.log" | tail -300 > "$OUT/tp4.tmp"; mv "$OUT/tp4.tmp" "$OUT/tp4.log"
-      tail -12 "$OUT/tp4.log" ;;
+    tp4)  # 4-GPU machine: W2 pair (TP4_WORKLOAD) at tensor parallel 4 on the Llama-3-70B shape,
+      # SEPLLM c356 first; by estimate FLASH_ATTN alone needs ~300-400 s, so W_RUNS=FLASH_ATTN in
+      # a call of its own may be needed (throughput.py writes its JSON after each run)
+      pair ${TP4_WORKLOAD:-W2} ${W_S:-545} ${W_RUNS:-SEPLLM:a4s64w256c356 FLASH_ATTN} \
+        --model-shape llama3-70b --tensor-parallel-size 4 --fast-start ;;
     dp2)  # 2-GPU machine: SEPLLM c356 serving long generation at data parallel 1 (DP1_RATE) then
       # 2 (DP2_RATE, one engine core per GPU), serve.py; DP_SPAN s of arrivals, DP_BUDGET s each
       # (serve.py stops its server on SIGTERM; -k leaves time for that)
@@ -133,9 +135,7 @@ for step in "$@"; do
           --budget-s ${DP_BUDGET:-230} --max-num-seqs 512 --stream-interval 8 --fast-start \
           --server-arg=--data-parallel-size=$dp --tokenizer-dir .gpu/tok --keep-logs \
           --out "$OUT/h200x2_serve_dp$dp.json" > "$OUT/serve_dp$dp.log" 2>&1; echo "dp$dp rc=$?"
-        for f in "$OUT"/h200x2_serve_dp${dp}_*.server.log; do  # no progress bars
-          [ -f "$f" ] && { grep -v "Capturing CUDA graphs\|it/s\]\|s/it\]" "$f" | tail -150 > "$f.tmp"; mv "$f.tmp" "$f"; }
-        done
+        trim_logs "$OUT"/h200x2_serve_dp${dp}_*.server.log
         tail -6 "$OUT/serve_dp$dp.log"
       done ;;
     kernels_gpu1)  # kernel tests then benchmarks on GPU 1, in the background of the next steps
@@ -225,9 +225,7 @@ for step in "$@"; do
           --span ${SERVE_SPAN:-60} --budget-s ${SERVE_BUDGET:-270} --max-num-seqs 512 --stream-interval 8 \
           --tokenizer-dir .gpu/tok --keep-logs ${SERVE_ARGS:-} --out "$OUT/h200_serve_$wl.json" \
           > "$OUT/serve_$wl.log" 2>&1; echo "serve $wl rc=$?"
-        for f in "$OUT"/h200_serve_${wl}_*.server.log; do  # keep logs small: no progress bars
-          [ -f "$f" ] && { grep -v "Capturing CUDA graphs\|it/s\]\|s/it\]" "$f" | tail -150 > "$f.tmp"; mv "$f.tmp" "$f"; }
-        done
+        trim_logs "$OUT"/h200_serve_${wl}_*.server.log  # keep logs small
         tail -20 "$OUT/serve_$wl.log"
       done ;;
     cli) timeout ${CLI_S:-300} bash benchmarks/gpu_cli_check.sh "$OUT/cli" > "$OUT/cli.log" 2>&1; echo "cli rc=$?"; tail -20 "$OUT/cli.log" ;;

@@ -601,9 +601,10 @@ def meets_slo(r: dict) -> bool:
     return (r["p99_ttft_ms"] <= r["slo"]["ttft_ms"] and r["p99_tpot_ms"] <= r["slo"]["tpot_ms"])
 
 
-def write(path: str | Path, records: list[dict]) -> None:
+def write(path: str | Path, records: list[dict], **extra) -> None:
+    """``{**extra, "records": ..., "summary": ...}`` into ``path``."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"records": records, "summary": summary(records)},
+    Path(path).write_text(json.dumps({**extra, "records": records, "summary": summary(records)},
                                      indent=1))
 
 
@@ -746,9 +747,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None:
             raise SystemExit("--merge needs --out (the merged file)")
         records, sources = merge(args.merge)
-        write(args.out, records)
-        data = json.loads(Path(args.out).read_text())
-        Path(args.out).write_text(json.dumps({"sources": sources, **data}, indent=1))
+        write(args.out, records, sources=sources)
         print(f"--- {args.out}")
         print(table(records))
         plot(records, Path(args.out).with_suffix(".png"))

@@ -561,21 +561,17 @@ def main() -> None:
             records.append({"workload": args.workload, "model": Path(args.model).name,
                             "kv_cache_dtype": args.kv_cache_dtype, "run": spec,
                             "error": proc.returncode})
-            continue
-        records.append(json.loads(lines[-1][len("RESULT "):]))
-        print(json.dumps(records[-1]), flush=True)
+        else:
+            records.append(json.loads(lines[-1][len("RESULT "):]))
+            print(json.dumps(records[-1]), flush=True)
         if args.out:  # after every run: a run cut by a caller's time limit keeps the earlier ones
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(records, indent=1))
     print("\n" + report_table(records))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(records, indent=1))
-        png = out.with_suffix(".png")
-        print(f"wrote {out}" + (f" and {png}" if plot(records, png) else
-                                f"; {NO_PLOT} (--plot-only {out} draws it)"))
-
+        png = Path(args.out).with_suffix(".png")
+        print(f"wrote {args.out}" + (f" and {png}" if plot(records, png) else
+                                     f"; {NO_PLOT} (--plot-only {args.out} draws it)"))
 
 if __name__ == "__main__":
     main()

@@ -28,20 +28,21 @@ def main() -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from tests.engine import llm_engine
+    from tests.engine import each_or_error, llm_engine
 
     params = SamplingParams(max_tokens=spec["new_tokens"], temperature=0.0, ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
-    try:
+
+    def run(tp: int) -> dict:
         with llm_engine(spec["model"], attention_backend="SEPLLM", block_size=16,
-                        tensor_parallel_size=spec["tp"],
+                        tensor_parallel_size=tp,
                         additional_config={"sepllm": spec["sepllm"]}) as llm:
             outs = llm.generate(prompts, params, use_tqdm=False)
-            result = {"tp": llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size,
-                      "requests": [{"tokens": list(o.outputs[0].token_ids),
-                                    "kv": o.kv_transfer_params["sepllm"]} for o in outs]}
-    except Exception as e:  # noqa: BLE001 - reported to the test, which names it
-        result = {"error": f"{type(e).__name__}: {e}"[:4000]}
+            return {"tp": llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size,
+                    "requests": [{"tokens": list(o.outputs[0].token_ids),
+                                  "kv": o.kv_transfer_params["sepllm"]} for o in outs]}
+
+    result, = each_or_error([spec["tp"]], run)  # an error comes back with its traceback
     print("PROBE " + json.dumps(result), flush=True)
 
 
