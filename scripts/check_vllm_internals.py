@@ -340,6 +340,23 @@ EXPECTATIONS: tuple[Expect, ...] = (
     E("vllm.v1.core.kv_cache_manager", "KVCacheManager.coordinator", "attr"),
     E("vllm.v1.core.kv_cache_manager", "KVCacheManager.enable_caching", "attr"),
     E("vllm.v1.core.kv_cache_manager", "KVCacheManager.block_pool", "member"),
+    # kv_manager.fast_allocate_slots: the short cut answers a running request's plain decode
+    # step as vLLM's allocate_slots would (nothing skipped, allocated or cached), passing the
+    # first five parameters positionally to vLLM's method otherwise.
+    E("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots", "method", body=True,
+      positional="request num_new_tokens num_new_computed_tokens new_computed_blocks "
+                 "num_lookahead_tokens",
+      mentions=("remove_skipped_blocks", "watermark_blocks", "RequestStatus.WAITING",
+                "get_num_blocks_to_allocate", "allocate_new_blocks", "cache_blocks",
+                "create_kv_cache_blocks"),
+      note="fast_allocate_slots: the same answer for a plain decode step, at once"),
+    E("vllm.v1.core.kv_cache_manager", "KVCacheManager.create_kv_cache_blocks", "method",
+      mentions=("empty_kv_cache_blocks",), note="no new block: the shared empty object"),
+    *(E("vllm.v1.core.kv_cache_manager", f"KVCacheManager.{a}", "attr") for a in (
+        "empty_kv_cache_blocks", "max_model_len")),
+    E(STKV, "SingleTypeKVCacheManager.get_num_skipped_tokens", "method", body=True,
+      mentions=("return 0",), note="full attention skips no block (fast_allocate_slots)"),
+    E("vllm.v1.request", "RequestStatus.RUNNING", "attr"),
     E(COORD, "KVCacheCoordinator.single_type_managers", "attr"),
     E("vllm.v1.core.block_pool", "BlockPool.num_gpu_blocks", "attr"),
     E("vllm.v1.core.block_pool", "BlockPool.get_num_free_blocks", "method", exact=()),

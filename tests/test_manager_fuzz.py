@@ -87,9 +87,9 @@ from vllm.v1.core.single_type_kv_cache_manager import (
     get_manager_for_kv_cache_spec,
 )
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 from vllm_sepllm.config import SepLLMConfig
-from vllm_sepllm.kv_manager import SepLLMManager, SepLLMSpec
+from vllm_sepllm.kv_manager import SepLLMManager, SepLLMSpec, fast_allocate_slots
 from vllm_sepllm.policy import Retention, retained_positions
 
 BLOCK_SIZE = 16
@@ -664,6 +664,7 @@ class PrefixFuzzer(Fuzzer):
         (mgr,) = self.kvm.coordinator.single_type_managers
         assert type(mgr) is SepLLMManager and mgr.enable_caching and self.pool.enable_caching
         self.mgr: SepLLMManager = mgr
+        self._install_fast_allocate()
         mgr.cache_size = self.cache_size = cache_size
         assert mgr.admission_token_cap is None  # the scheduler sets none with prefix caching
         self.max_chunk = rng.choice([8, 32, 64, 128])
@@ -687,6 +688,40 @@ class PrefixFuzzer(Fuzzer):
         self.prefixes = [[self.random_token(d) for _ in range(rng.choice(
             [16, 16, 23, 32, 40, 48, 64, 80]))] for d in (0.0, 0.05, 0.2, 0.5)]
         self.past_prompts: list[list[int]] = []
+
+    def _install_fast_allocate(self) -> None:
+        """The scheduler's short cut (``kv_manager.fast_allocate_slots``, installed on the
+        ``KVCacheManager`` as ``SepLLMScheduler`` does), checked on every call it answers:
+        vLLM's own ``allocate_slots`` must then return the same empty result and change
+        nothing (free blocks, the request's blocks, its registered blocks)."""
+        kvm, mgr = self.kvm, self.mgr
+        vllm_allocate = kvm.allocate_slots
+        called: list[bool] = []
+
+        def spy(*args, **kwargs):
+            called.append(True)
+            return vllm_allocate(*args, **kwargs)
+
+        kvm.allocate_slots = spy
+        fast = fast_allocate_slots(kvm, mgr)
+
+        def checked(request, num_new_tokens, *args, **kwargs):
+            called.clear()
+            out = fast(request, num_new_tokens, *args, **kwargs)
+            if called:
+                self.stats["alloc_vllm"] += 1
+                return out
+            self.stats["alloc_shortcut"] += 1
+            rid = request.request_id
+            state = lambda: (self.pool.get_num_free_blocks(),  # noqa: E731
+                             list(mgr.req_to_blocks[rid]), mgr.num_cached_block.get(rid))
+            before = state()
+            again = vllm_allocate(request, num_new_tokens, *args, **kwargs)
+            assert out is kvm.empty_kv_cache_blocks and again is out, (rid, again)
+            assert state() == before, rid
+            return out
+
+        kvm.allocate_slots = checked
 
     # ------------------------------------------------------------------ requests
     def random_token(self, density: float) -> int:
@@ -1028,6 +1063,7 @@ class PrefixFuzzer(Fuzzer):
         request's full blocks through ``cache_blocks``)."""
         m, rid = self.mgr, req.rid
         req.vreq.num_computed_tokens = req.num_computed
+        req.vreq.status = RequestStatus.RUNNING
         d = m.num_dropped(rid)
         need = self.demand(req, req.num_computed + num_new)
         num_cached = m.num_cached_block.get(rid)
@@ -1339,6 +1375,8 @@ def test_manager_prefix_caching_fuzz(seed, num_blocks, reserve_full_isl, max_liv
     assert s["tokens"] > 10_000, s
     if cache_size is not None:
         assert s["evict_deferred"] > 1_000, s
+    # vLLM's allocate_slots and the short cut both answered often (the latter checked).
+    assert s["alloc_shortcut"] > 500 and s["alloc_vllm"] > 500, s
     PREFIX_STATS[seed] = s
     print(f"prefix seed {seed}: {PREFIX_OPS} ops, {f.num_usable} blocks, "
           f"{time.perf_counter() - t0:.2f}s, {dict(s)}")

@@ -575,6 +575,55 @@ class SepLLMManager(FullAttentionManager):
             super().cache_blocks(request, num_tokens, *args, **kwargs)
 
 
+def fast_allocate_slots(kv_cache_manager, mgr: SepLLMManager) -> Callable:
+    """``kv_cache_manager.allocate_slots`` with a short cut for the common decode step of a
+    running request (SEPLLM's scheduler installs it on its own ``KVCacheManager``).
+
+    vLLM's ``allocate_slots`` runs for every scheduled request every step; at 512 running
+    requests its Python (coordinator, block-pool checks, ``cache_blocks``) is a large share of
+    the engine core's host time, and a SEPLLM step is host-bound there (benchmarks/README.md).
+    For a running request asking for new tokens only (no prefix hits, no external or encoder
+    tokens, no lookahead past what it holds), whose held blocks already cover its cached tokens
+    after this step (``cdiv(num_computed + new + lookahead - D, block_size) <= held``) and which
+    registers nothing (prefix caching off, or ``D > 0``: ``SepLLMManager.cache_blocks`` does
+    nothing then), vLLM's method does nothing and returns its empty ``KVCacheBlocks``: full
+    attention skips no block, there is nothing to allocate, the free-block check passes (no
+    watermark for a running request) and nothing is cached. The short cut returns the same
+    object at once; every other call goes to vLLM's method. ``tests/test_manager_fuzz.py``
+    runs both on every call of its prefix-caching fuzz and compares them."""
+    from vllm.v1.request import RequestStatus
+
+    allocate = kv_cache_manager.allocate_slots
+    empty = kv_cache_manager.empty_kv_cache_blocks
+    max_len = kv_cache_manager.max_model_len
+    # (vLLM 0.26 asks the KVCacheManager's flag, 0.32+ the manager's before cache_blocks)
+    caching = bool(kv_cache_manager.enable_caching or mgr.enable_caching)
+    bs = mgr.block_size
+    dropped = mgr.dropped
+    held_of = mgr.req_to_blocks
+    partial = mgr._partial_hit_reqs
+    running = RequestStatus.RUNNING
+
+    def allocate_slots(request, num_new_tokens, num_new_computed_tokens=0,
+                       new_computed_blocks=None, num_lookahead_tokens=0, *args, **kwargs):
+        if (new_computed_blocks is None and not num_new_computed_tokens and not args
+                and not kwargs and num_new_tokens > 0 and request.status is running):
+            rid = request.request_id
+            d = dropped.get(rid, 0)
+            held = held_of.get(rid)
+            if held and (d or not caching) and rid not in partial:
+                need = request.num_computed_tokens + num_new_tokens + num_lookahead_tokens
+                if need > max_len:
+                    need = max_len
+                if need - d <= len(held) * bs:
+                    return empty
+        return allocate(request, num_new_tokens, num_new_computed_tokens, new_computed_blocks,
+                        num_lookahead_tokens, *args, **kwargs)
+
+    allocate_slots.vllm_allocate_slots = allocate
+    return allocate_slots
+
+
 def _register() -> None:
     # The registry fills in vLLM's built-in specs only while it is empty: do that first.
     register_all_kvcache_specs(None)

@@ -32,7 +32,7 @@ from vllm.v1.request import Request
 from vllm_sepllm import compat
 from vllm_sepllm.config import SepLLMConfig
 from vllm_sepllm.instrument import TrackingAsyncScheduler, TrackingScheduler
-from vllm_sepllm.kv_manager import SepLLMManager
+from vllm_sepllm.kv_manager import SepLLMManager, fast_allocate_slots
 from vllm_sepllm.metrics import SepLLMSchedulerStats, SepLLMStepStats, worker_stats_of
 from vllm_sepllm.policy import Retention
 
@@ -116,6 +116,10 @@ class _SepLLMSchedulerMixin:
                 f"{[type(m).__name__ for m in managers]}"
             )
         self.sepllm_manager: SepLLMManager = managers[0]
+        # vLLM's allocate_slots, answered at once for a running request's plain decode step
+        # (kv_manager.fast_allocate_slots; an instance attribute of this engine's manager).
+        kvm = self.kv_cache_manager
+        kvm.allocate_slots = fast_allocate_slots(kvm, self.sepllm_manager)
         # Batched eviction (policy.py): evict only past c tokens; no row needs a mask.
         self.sepllm_manager.cache_size = self.sepllm_config.cache_size
         # Prefix caching: prompts are held whole until computed (module docstring).
