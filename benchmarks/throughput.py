@@ -237,6 +237,27 @@ def _vllm_random_requests(args: argparse.Namespace, n: int, plen: int, olen: int
     return vbench.get_requests(bargs, tok)
 
 
+def profile_summary(prof_dir: Path, steps: int, delay: int) -> dict:
+    """Kernel time per engine step from the table vLLM's profiler writes (rank 0), with the
+    top kernels; on a CPU-only engine the CPU op time instead."""
+    path = prof_dir / "profiler_out_0.txt"
+    if not path.exists():
+        return {"steps": steps, "delay": delay, "error": f"no {path.name} written"}
+    text = path.read_text()
+    units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+    def total(label: str) -> float | None:
+        m = re.search(rf"{label} time total: ([0-9.]+)(us|ms|s)\b", text)
+        return float(m.group(1)) * units[m.group(2)] if m else None
+
+    gpu, cpu = total("Self CUDA"), total("Self CPU")
+    rows = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("-", " " * 20))]
+    return {"steps": steps, "delay": delay,
+            "gpu_kernel_ms_per_step": None if gpu is None else round(gpu / steps, 3),
+            "cpu_op_ms_per_step": None if cpu is None else round(cpu / steps, 3),
+            "top": [ln.rstrip()[:200] for ln in rows[1:9]]}
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """One engine, one workload; returns the record. Runs in a child process."""
     import numpy as np
@@ -306,6 +327,15 @@ def run_one(args: argparse.Namespace) -> dict:
         kwargs["kv_cache_dtype"] = args.kv_cache_dtype
     if args.fast_start:  # no torch.compile (~40 s a start); full CUDA graphs for decode steps
         kwargs["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+    prof_dir = None
+    if args.profile_steps:
+        # vLLM's own profiler in the engine core (the real multiprocess run): torch.profiler
+        # over profile_steps engine steps after profile_delay, summed kernel time per step.
+        prof_dir = work / "profile"
+        kwargs["profiler_config"] = {
+            "profiler": "torch", "torch_profiler_dir": str(prof_dir),
+            "delay_iterations": args.profile_delay, "max_iterations": args.profile_steps,
+            "torch_profiler_with_stack": False, "ignore_frontend": True}
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
@@ -322,9 +352,13 @@ def run_one(args: argparse.Namespace) -> dict:
         inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate([TokensPrompt(prompt_token_ids=prompt_ids[0][:64])],
                  SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    if prof_dir is not None:
+        llm.start_profile()
     t0 = time.perf_counter()
     outs = llm.generate(inputs, params, use_tqdm=not args.no_progress)
     elapsed = time.perf_counter() - t0
+    if prof_dir is not None:
+        llm.stop_profile()
 
     vllm_config = llm.llm_engine.vllm_config
     block_size = vllm_config.cache_config.block_size
@@ -384,6 +418,8 @@ def run_one(args: argparse.Namespace) -> dict:
         "tensor_parallel_size": args.tensor_parallel_size,
         "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
     }
+    if prof_dir is not None:
+        record["profile"] = profile_summary(prof_dir, args.profile_steps, args.profile_delay)
     record.update(environment())
     hbm, tflops = args.hbm_tbps, args.peak_tflops
     if hbm is None and record["gpu"] != "cpu":
@@ -521,6 +557,11 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"roofline bf16 peak (default on a GPU: {H200_BF16_TFLOPS}, H200)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                   help="vLLM's torch profiler in the engine core over N steps (record: "
+                        "'profile', kernel ms per step)")
+    p.add_argument("--profile-delay", type=int, default=600, metavar="K",
+                   help="engine steps before the profiled ones (past the prefill)")
     p.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)  # the default now
     p.add_argument("--out", default=None, help="JSON path; the plot goes next to it (.png)")
     p.add_argument("--plot-only", metavar="JSON", help="redraw the table and plot of a result")
