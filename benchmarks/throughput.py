@@ -19,7 +19,11 @@ processor vLLM 0.26 runs its V1 model runner for every backend.
 Qwen2.5 7B, Mistral 7B, Qwen3-30B-A3B MoE), ``--kv-cache-dtype`` the KV cache's storage
 (``fp8``: one byte per element), ``--fast-start`` skips torch.compile and captures full CUDA
 graphs of decode-only steps only, so an engine starts in ~30 s instead of ~70 s (for several
-families in one device call; ``compilation`` in the record says which).
+families in one device call; ``compilation`` in the record says which; without torch.compile
+the decode graph's non-attention kernels are not fused, so its GPU step may be longer: not
+measured yet).
+``--profile-steps N`` (after ``--profile-delay K`` engine steps) runs vLLM's torch profiler in
+the engine core of the real run and records ``profile``: kernel ms per step and the top kernels.
 
 ``--prompts vllm-random`` takes the prompts from ``vllm bench throughput``'s own random dataset
 (same function, same seed: identical token ids) and samples like it (temperature 1, no replay),
