@@ -22,7 +22,8 @@
 # replay; RUNNER_RUNS, RUNNER_ARGS, W_S), serve (benchmarks/serve.py: goodput at the latency SLOs
 # under vllm serve, FLASH_ATTN vs SEPLLM over a rate sweep; SERVE_* variables, see the step),
 # tp4 (4-GPU machine: W2 pair at TP=4, Llama-3-70B shape), dp2 (2-GPU machine: SEPLLM serving at
-# data parallel 1 then 2).
+# data parallel 1 then 2), w2prof (SEPLLM c356 alone on W2 under vLLM's profiler, --fast-start
+# then default compilation: kernel ms per step of the real run).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git_commit=$(cat .commit 2>/dev/null || echo unknown)
@@ -120,6 +121,18 @@ for step in "$@"; do
     w1|w2)  # one GPU, one call: W_RUNS one after the other (SEPLLM c356 first, then FLASH_ATTN),
       # W_ARGS (default --fast-start: engines start in ~15 s, so a W2 pair fits one call)
       pair ${step^^} ${W_S:-545} ${W_RUNS:-SEPLLM:a4s64w256c356 FLASH_ATTN} ${W_ARGS---fast-start} ;;
+    w2prof)  # SEPLLM c356 alone on W2 with vLLM's profiler in the engine core (kernel ms per step of
+      # the real run, PROF_STEPS steps after PROF_DELAY): --fast-start, then default compilation
+      for mode in fast-start default; do
+        flag=; [ $mode = fast-start ] && flag=--fast-start
+        CUDA_VISIBLE_DEVICES=0 timeout ${W_S:-260} python3 benchmarks/throughput.py --workload W2 \
+          --runs SEPLLM:a4s64w256c356 $flag --profile-steps ${PROF_STEPS:-40} \
+          --profile-delay ${PROF_DELAY:-1000} --no-progress --out "$OUT/h200_w2_prof_$mode.json" \
+          > "$OUT/w2prof_$mode.log" 2>&1; echo "w2prof $mode rc=$?"
+        grep -v "Capturing CUDA graphs\|it/s\]" "$OUT/w2prof_$mode.log" | tail -200 > "$OUT/w2prof.tmp"
+        mv "$OUT/w2prof.tmp" "$OUT/w2prof_$mode.log"
+        grep -o '"elapsed_s": [0-9.]*\|"gpu_kernel_ms_per_step": [0-9.]*' "$OUT/h200_w2_prof_$mode.json"
+      done ;;
     tp4)  # 4-GPU machine: W2 pair (TP4_WORKLOAD) at tensor parallel 4 on the Llama-3-70B shape,
       # SEPLLM c356 first; by estimate FLASH_ATTN alone needs ~300-400 s, so W_RUNS=FLASH_ATTN in
       # a call of its own may be needed (throughput.py writes its JSON after each run)
