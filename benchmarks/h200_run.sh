@@ -119,7 +119,8 @@ for step in "$@"; do
               --out "$OUT/h200_kernels.json" > "$OUT/kernels.log" 2>&1; echo "kbench rc=$?"; tail -30 "$OUT/kernels.log" ;;
     w0) pair W0 ${W_S:-400} FLASH_ATTN SEPLLM:a4s64w256 ;;
     w1|w2)  # one GPU, one call: W_RUNS one after the other (SEPLLM c356 first, then FLASH_ATTN),
-      # W_ARGS (default --fast-start: engines start in ~15 s, so a W2 pair fits one call)
+      # W_ARGS (default --fast-start). A W2 pair fits one call only where engines start in
+      # ~15 s: on hosts that took 43-52 s, FLASH_ATTN was cut by the call's limit
       pair ${step^^} ${W_S:-545} ${W_RUNS:-SEPLLM:a4s64w256c356 FLASH_ATTN} ${W_ARGS---fast-start} ;;
     w2prof)  # SEPLLM c356 alone on W2 with vLLM's profiler in the engine core (kernel ms per step of
       # the real run, PROF_STEPS steps after PROF_DELAY): --fast-start, then default compilation

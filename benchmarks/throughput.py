@@ -255,11 +255,14 @@ def profile_summary(prof_dir: Path, steps: int, delay: int) -> dict:
         return float(m.group(1)) * units[m.group(2)] if m else None
 
     gpu, cpu = total("Self CUDA"), total("Self CPU")
-    rows = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("-", " " * 20))]
+    # torch's table: a dashed rule, the header, a rule, the rows, a rule, the totals.
+    lines = text.splitlines()
+    rules = [i for i, ln in enumerate(lines) if ln.startswith("---")]
+    rows = lines[rules[1] + 1:rules[2]] if len(rules) >= 3 else []
     return {"steps": steps, "delay": delay,
             "gpu_kernel_ms_per_step": None if gpu is None else round(gpu / steps, 3),
             "cpu_op_ms_per_step": None if cpu is None else round(cpu / steps, 3),
-            "top": [ln.rstrip()[:200] for ln in rows[1:9]]}
+            "top": [" ".join(ln.split())[:200] for ln in rows[:8]]}
 
 
 def run_one(args: argparse.Namespace) -> dict:

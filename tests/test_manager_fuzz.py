@@ -713,8 +713,11 @@ class PrefixFuzzer(Fuzzer):
                 return out
             self.stats["alloc_shortcut"] += 1
             rid = request.request_id
-            state = lambda: (self.pool.get_num_free_blocks(),  # noqa: E731
-                             list(mgr.req_to_blocks[rid]), mgr.num_cached_block.get(rid))
+
+            def state():
+                return (self.pool.get_num_free_blocks(), list(mgr.req_to_blocks[rid]),
+                        mgr.num_cached_block.get(rid))
+
             before = state()
             again = vllm_allocate(request, num_new_tokens, *args, **kwargs)
             assert out is kvm.empty_kv_cache_blocks and again is out, (rid, again)

@@ -23,7 +23,11 @@ def test_profile_summary_reads_kernel_time(tmp_path):
     assert got["gpu_kernel_ms_per_step"] == round(cuda_ms / 20, 3)
     assert 15 < got["gpu_kernel_ms_per_step"] < 25  # the H200 decode step measured there
     assert got["cpu_op_ms_per_step"] is not None
-    assert any("flash" in row for row in got["top"])
+    # the table's first eight rows, in order: FA3 first, the lm_head GEMM (a short,
+    # right-aligned name) fifth
+    assert len(got["top"]) == 8
+    assert got["top"][0].startswith("void cutlass::device_kernel<flash::")
+    assert got["top"][4].startswith("aten::mm ")
 
 
 def test_profile_summary_without_table(tmp_path):

@@ -580,8 +580,9 @@ def fast_allocate_slots(kv_cache_manager, mgr: SepLLMManager) -> Callable:
     running request (SEPLLM's scheduler installs it on its own ``KVCacheManager``).
 
     vLLM's ``allocate_slots`` runs for every scheduled request every step; at 512 running
-    requests its Python (coordinator, block-pool checks, ``cache_blocks``) is a large share of
-    the engine core's host time, and a SEPLLM step is host-bound there (benchmarks/README.md).
+    requests its Python (coordinator, block-pool checks, ``cache_blocks``) was ~2.4 ms of the
+    engine core's host time per decode step on the H200 (benchmarks/README.md, "Per-step host
+    time").
     For a running request asking for new tokens only (no prefix hits, no external or encoder
     tokens, no lookahead past what it holds), whose held blocks already cover its cached tokens
     after this step (``cdiv(num_computed + new + lookahead - D, block_size) <= held``) and which
@@ -620,7 +621,6 @@ def fast_allocate_slots(kv_cache_manager, mgr: SepLLMManager) -> Callable:
         return allocate(request, num_new_tokens, num_new_computed_tokens, new_computed_blocks,
                         num_lookahead_tokens, *args, **kwargs)
 
-    allocate_slots.vllm_allocate_slots = allocate
     return allocate_slots
 
 
