@@ -15,6 +15,9 @@ Shape: Llama-3-8B attention (Hq 32, Hkv 8, head size 128, bf16, block size 16).
 * fa_paging: one decode layer of FA3 as the backend calls it, by KV block size and split
   policy (``graph``: vLLM's split bound with FA3's ahead-of-time schedule, what a CUDA-graph
   replay runs; ``1``: unsplit; ``auto``: FA3's heuristic, eager).
+* decode_tune: batched eviction's decode shape (512 and 256 rows of 324-356 cached keys): FA3
+  as the backend calls it there, vLLM's Triton unified attention, and ``sepllm_decode`` at each
+  launch setting (keys per tile, warps, stages); ``max_diff`` against FA3.
 * prefill: ``sepllm_prefill`` (SepLLM mask, a4 s64 w512) vs FlashAttention varlen causal, chunks
   of 2048 new tokens after ~580 cached keys (R(n) of a 4096-token history: 4 sinks, 64
   separators, 511 window keys); tokens/s of query tokens. ``meta_us`` is the
@@ -204,6 +207,85 @@ def bench_fa_paging(timer: Timer, fa) -> list[dict]:
                 print(f"fa_paging B={batch} len={length} bs={bs:3d} splits={splits:5s} "
                       f"{r['gpu_us']:8.1f} us {r['gbps']:7.0f} GB/s", flush=True)
                 recs.append(r)
+    return recs
+
+
+def decode_tune_case(timer: Timer, fa, batch: int, lens: list[int], gen: torch.Generator,
+                     configs: list[tuple[int, int, int]]) -> list[dict]:
+    """One decode layer at ``batch`` rows of the given cache lengths (batched eviction's
+    steady state): FA3 as the backend calls it at this batch (one split, FA3's ahead-of-time
+    schedule), vLLM's Triton unified attention, and our Triton kernel at each launch setting
+    ``(tile_n, num_warps, num_stages)``; every output against FA3's."""
+    kv_cache, block_table = paged_cache(lens, gen)
+    cache_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, NUM_HEADS, HEAD_SIZE, dtype=DTYPE, device="cuda")
+    kv_bytes = sum(lens) * NUM_KV_HEADS * 2 * HEAD_SIZE * kv_cache.element_size()
+    key_cache, value_cache = kv_cache.split(HEAD_SIZE, dim=-1)
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    max_len = max(lens)
+    recs, ref = [], None
+
+    def record(kernel: str, fn, out: torch.Tensor, **extra) -> None:
+        nonlocal ref
+        us = timer.gpu_us(fn)
+        rec = {"batch": batch, "mean_len": round(sum(lens) / batch, 1), "kernel": kernel,
+               **extra, "gpu_us": us, "gbps": kv_bytes / us / 1e3}
+        if ref is None:
+            ref = out.float().clone()
+        else:
+            rec["max_diff"] = (out.float() - ref).abs().max().item()
+        print(f"decode_tune B={batch} {kernel:9s} {extra or ''} {us:8.1f} us "
+              f"{rec['gbps']:7.0f} GB/s", flush=True)
+        recs.append(rec)
+
+    if fa is not None:
+        from vllm.v1.attention.backends.fa_utils import get_scheduler_metadata
+
+        fn, version = fa
+        sched = get_scheduler_metadata(
+            batch_size=batch, max_seqlen_q=1, max_seqlen_k=max_len, num_heads_q=NUM_HEADS,
+            num_heads_kv=NUM_KV_HEADS, headdim=HEAD_SIZE, cache_seqlens=cache_lens,
+            qkv_dtype=DTYPE, cu_seqlens_q=cu_q, page_size=BLOCK_SIZE, causal=True,
+            window_size=(-1, -1), num_splits=1)
+        fa_out = torch.empty_like(q)
+        record("fa3", lambda: fn(
+            q=q, k=key_cache, v=value_cache, out=fa_out, cu_seqlens_q=cu_q, max_seqlen_q=1,
+            seqused_k=cache_lens, max_seqlen_k=max_len, softmax_scale=SCALE, causal=True,
+            block_table=block_table, scheduler_metadata=sched, num_splits=1,
+            fa_version=version), fa_out)
+    try:
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    except ImportError:
+        unified_attention = None
+    if unified_attention is not None:
+        ua_out = torch.empty_like(q)
+        try:
+            record("vllm_triton", lambda: unified_attention(
+                q=q, k=key_cache, v=value_cache, out=ua_out, cu_seqlens_q=cu_q, max_seqlen_q=1,
+                seqused_k=cache_lens, max_seqlen_k=max_len, softmax_scale=SCALE, causal=True,
+                window_size=(-1, -1), block_table=block_table, softcap=0, q_descale=None,
+                k_descale=None, v_descale=None), ua_out)
+        except Exception as exc:  # noqa: BLE001 - another vLLM's signature: record, go on
+            recs.append({"batch": batch, "kernel": "vllm_triton", "error": repr(exc)[:300]})
+            print(f"decode_tune B={batch} vllm_triton error {exc!r}"[:300], flush=True)
+    out = torch.empty_like(q)
+    for tile_n, warps, stages in configs:
+        record("sepllm", functools.partial(
+            sepllm_decode, q, kv_cache, block_table, cache_lens, SCALE, out=out, num_splits=1,
+            tile_n=tile_n, num_warps=warps, num_stages=stages), out,
+            tile_n=tile_n, num_warps=warps, num_stages=stages)
+    return recs
+
+
+def bench_decode_tune(timer: Timer, fa) -> list[dict]:
+    """Batched eviction's decode shape (a4 s64 w256, cache_size 356: 324-356 cached keys)."""
+    gen, rng = torch.Generator().manual_seed(2), random.Random(2)
+    configs = [(t, w, s) for t in (32, 64, 128) for w in (2, 4, 8) for s in (2, 3, 4)
+               if not (t == 128 and w == 2)]
+    recs = []
+    for batch in (512, 256):
+        lens = [rng.randint(324, 356) for _ in range(batch)]
+        recs += decode_tune_case(timer, fa, batch, lens, gen, configs)
     return recs
 
 
@@ -401,7 +483,8 @@ def main() -> None:
                    help="reprint the table and redraw the PNG (next to it) of a result")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--only", nargs="*", choices=["decode", "compact", "prefill", "fa_paging"],
+    p.add_argument("--only", nargs="*", choices=["decode", "compact", "prefill", "fa_paging",
+                                             "decode_tune"],
                    default=["decode", "compact", "prefill"])
     args = p.parse_args()
     if args.plot_only:
@@ -428,6 +511,7 @@ def main() -> None:
         "compact": bench_compact(timer) if "compact" in args.only else [],
         "prefill": bench_prefill(timer, fa) if "prefill" in args.only else [],
         "fa_paging": bench_fa_paging(timer, fa) if "fa_paging" in args.only and fa else [],
+        "decode_tune": bench_decode_tune(timer, fa) if "decode_tune" in args.only else [],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

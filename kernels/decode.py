@@ -213,6 +213,9 @@ def sepllm_decode(
     max_cache_len: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    tile_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query per request over its whole (compacted) paged cache.
 
@@ -232,6 +235,8 @@ def sepllm_decode(
         default reads ``cache_lens`` back from the device (a sync).
     k_scale, v_scale : [1] float32 device tensors, an fp8 cache's dequantization scales
         (vLLM's ``layer._k_scale`` / ``_v_scale``); default 1.
+    tile_n, num_warps, num_stages : launch settings (keys per loop iteration, warps, pipeline
+        stages); default :func:`_tile_n`, ``_NUM_WARPS``, ``_NUM_STAGES``.
 
     Returns
     -------
@@ -275,11 +280,11 @@ def sepllm_decode(
         GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size,
-        TILE_N=_tile_n(head_size),
+        TILE_N=tile_n or _tile_n(head_size),
         DOT_PRECISION=dot_precision(q.dtype),
         KV_FP8=is_fp8(kv_cache.dtype),
-        num_warps=_NUM_WARPS,
-        num_stages=_NUM_STAGES,
+        num_warps=num_warps or _NUM_WARPS,
+        num_stages=num_stages or _NUM_STAGES,
         **common,
     )
     if num_splits > 1:
