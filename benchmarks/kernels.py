@@ -17,7 +17,8 @@ Shape: Llama-3-8B attention (Hq 32, Hkv 8, head size 128, bf16, block size 16).
   replay runs; ``1``: unsplit; ``auto``: FA3's heuristic, eager).
 * decode_tune: batched eviction's decode shape (512 and 256 rows of 324-356 cached keys): FA3
   as the backend calls it there, vLLM's Triton unified attention, and ``sepllm_decode`` at each
-  launch setting (keys per tile, warps, stages); ``max_diff`` against FA3.
+  launch setting (keys per tile, warps, stages); then longer caches (~1K, ~2K, ~4K keys) at
+  batches that fill the GPU with four settings; ``max_diff`` against FA3.
 * prefill: ``sepllm_prefill`` (SepLLM mask, a4 s64 w512) vs FlashAttention varlen causal, chunks
   of 2048 new tokens after ~580 cached keys (R(n) of a 4096-token history: 4 sinks, 64
   separators, 511 window keys); tokens/s of query tokens. ``meta_us`` is the
@@ -286,6 +287,13 @@ def bench_decode_tune(timer: Timer, fa) -> list[dict]:
     for batch in (512, 256):
         lens = [rng.randint(324, 356) for _ in range(batch)]
         recs += decode_tune_case(timer, fa, batch, lens, gen, configs)
+    # Longer caches (larger windows, exact eviction) at batches that still fill the GPU: the
+    # default launch, the many-rows launch and the next best at ~340 keys.
+    few = [(64, 4, 3), (32, 2, 2), (128, 4, 3), (32, 2, 3)]
+    for batch, low, high in ((512, 960, 1088), (128, 960, 1088), (128, 3840, 4352),
+                             (72, 1800, 2200)):
+        lens = [rng.randint(low, high) for _ in range(batch)]
+        recs += decode_tune_case(timer, fa, batch, lens, gen, few)
     return recs
 
 

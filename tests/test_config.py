@@ -165,6 +165,37 @@ def test_fp8_cache_decodes_with_flash_only_where_fa3_reads_it(monkeypatch):
         backend.decode_kernel_choice(cuda, cfg("fp8", bf16))
 
 
+def test_full_decode_batches_take_triton_by_default_only(monkeypatch):
+    """All-decode batches that fill the GPU run our Triton kernel when the decode kernel is
+    FlashAttention by default, with a 16-bit cache; an explicit VLLM_SEPLLM_DECODE_KERNEL, an
+    fp8 cache, no FlashAttention, or the CPU keep the backend's one kernel."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vllm_sepllm import backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def cfg(cache_dtype):
+        return SimpleNamespace(cache_config=SimpleNamespace(cache_dtype=cache_dtype),
+                               model_config=SimpleNamespace(dtype=torch.bfloat16))
+
+    monkeypatch.delenv("VLLM_SEPLLM_DECODE_KERNEL", raising=False)
+    monkeypatch.setattr(backend, "_flash_attn", lambda: SimpleNamespace(version=3))
+    monkeypatch.setattr(backend, "_cuda_capability", lambda device: (9, 0))
+    assert backend.triton_full_decode(cuda, cfg("auto"))
+    assert backend.triton_full_decode(cuda)
+    assert not backend.triton_full_decode(cuda, cfg("fp8"))
+    assert not backend.triton_full_decode(cpu, cfg("auto"))
+    for choice in ("flash", "triton"):
+        monkeypatch.setenv("VLLM_SEPLLM_DECODE_KERNEL", choice)
+        assert not backend.triton_full_decode(cuda, cfg("auto")), choice
+    monkeypatch.delenv("VLLM_SEPLLM_DECODE_KERNEL")
+    monkeypatch.setattr(backend, "_flash_attn", lambda: None)  # the backend is Triton already
+    assert not backend.triton_full_decode(cuda, cfg("auto"))
+
+
 def test_request_sizes_past_the_context_and_odd_keys_are_refused():
     from vllm_sepllm.config import check_limits
 

@@ -154,6 +154,41 @@ def test_decode(head_size, block_size, dtype, gqa, cache_len, num_splits):
     check_decode(lens, gqa, head_size, block_size, dtype, num_splits, "cuda")
 
 
+def test_launch_settings_fill_the_gpu_rule(monkeypatch):
+    """The many-rows launch (measured fastest at batched eviction's shape) is taken exactly
+    when one split per (request, KV head) gives every SM 4 programs and heads are <= 128 wide."""
+    from kernels import decode
+
+    monkeypatch.setattr(decode, "_num_sms", lambda device: 132)
+    dev = torch.device("cuda")  # a device object only
+    assert decode.fills_gpu(66, 8, dev) and not decode.fills_gpu(65, 8, dev)
+    assert decode.launch_settings(512, 8, 128, 1, dev) == decode._FULL_GPU_LAUNCH
+    assert decode.launch_settings(66, 8, 64, 1, dev) == decode._FULL_GPU_LAUNCH
+    default = (decode._tile_n(128), decode._NUM_WARPS, decode._NUM_STAGES)
+    assert decode.launch_settings(65, 8, 128, 1, dev) == default
+    assert decode.launch_settings(512, 8, 128, 2, dev) == default  # split: the merge's shape
+    assert decode.launch_settings(512, 8, 256, 1, dev) == (decode._tile_n(256),
+                                                           decode._NUM_WARPS, decode._NUM_STAGES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gqa", [(32, 8), (28, 4)])
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_decode_many_rows_launch(head_size, gqa, dtype):
+    """A batch that fills the GPU unsplit takes the many-rows launch settings: exact against
+    the reference, rows of 1 to 400 keys (batched eviction's lengths and short rows)."""
+    from kernels.decode import _FULL_GPU_LAUNCH, launch_settings
+
+    batch = 4 * torch.cuda.get_device_properties(0).multi_processor_count // gqa[1] + 3
+    assert launch_settings(batch, gqa[1], head_size, 1, torch.device("cuda")) == \
+        _FULL_GPU_LAUNCH
+    rng = torch.Generator().manual_seed(11)
+    lens = torch.randint(1, 401, (batch,), generator=rng).tolist()
+    lens[:3] = [1, 356, 400]
+    check_decode(lens, gqa, head_size, 16, dtype, 1, "cuda")
+
+
 def check_decode_into_view(num_splits, dtype, device):
     """``out`` may be a strided view (rows of a larger buffer): the kernel writes exactly what it
     writes into a fresh tensor, and nothing else."""
@@ -222,11 +257,13 @@ def test_interp_decode_padded_rows(num_splits):
     check_decode_padded(num_splits, torch.float32, "cpu")
 
 
-def _graph_decode_case(kernel, flash_splits=32, fp8=False):
+def _graph_decode_case(kernel, flash_splits=32, fp8=False, full_triton=False):
     """The backend's uniform-decode path (``SepLLMImpl._plain``) captured in a CUDA
     graph, then replayed after the persistent inputs changed in place (new lengths, pages,
     queries, KV): replay must equal the torch reference of the *new* inputs. FlashAttention
-    with vLLM's split bound (32) and unsplit (1, what the builder gives large batches).
+    with vLLM's split bound (32) and unsplit (1, what the builder gives large batches);
+    ``full_triton``: FlashAttention's backend at a captured batch that fills the GPU, where
+    the builder picks our unsplit Triton kernel (``SepLLMMetadata.decode_kernel``).
 
     ``fp8``: an e4m3 cache with scales (0.5, 0.25) and q_scale 0.5. The Triton kernel keeps bf16
     queries and meets the usual bound; FA3 reads e4m3 queries (quantized by the backend) and rounds the
@@ -242,6 +279,8 @@ def _graph_decode_case(kernel, flash_splits=32, fp8=False):
         pytest.skip("vLLM FlashAttention is not available")
     num_heads, num_kv_heads, head_size, block_size, dtype = 32, 8, 128, 16, torch.bfloat16
     max_len, batch, padded = 1177, 5, 8  # 5 live rows padded to a captured batch of 8
+    if full_triton:  # FlashAttention backend, a captured batch that fills the GPU: Triton
+        padded = 4 * torch.cuda.get_device_properties(0).multi_processor_count // 8 + 1
     gen = torch.Generator().manual_seed(3)
     capacity = padded * (-(-max_len // block_size)) + 4
     kv = torch.randn(capacity, block_size, num_kv_heads, 2 * head_size, generator=gen)
@@ -278,10 +317,12 @@ def _graph_decode_case(kernel, flash_splits=32, fp8=False):
     impl.scale, impl.flash, impl.decode_kernel = head_size ** -0.5, flash, kernel
     impl.fp8 = fp8
     sched_buf = torch.zeros(1 + 4 * 2 * 4, dtype=torch.int32, device="cuda") \
-        if kernel == "flash" and flash.version == 3 else None
+        if kernel == "flash" and flash.version == 3 and not full_triton else None
 
     def metadata(max_seq_len):
         splits, sched = (flash_splits, None) if kernel == "flash" else (9, None)
+        if full_triton:
+            splits = 1
         if sched_buf is not None:
             s = flash.scheduler_metadata(
                 batch_size=padded, max_seqlen_q=1, max_seqlen_k=max_seq_len,
@@ -296,7 +337,8 @@ def _graph_decode_case(kernel, flash_splits=32, fp8=False):
             num_actual_tokens=padded, slot_mapping=torch.full((padded,), -1, device="cuda"),
             decode_rows=None, decode_block_table=table, decode_cache_lens=lens,
             decode_max_len=max_seq_len, decode_slots=None, decode_valid=None, prefills=[],
-            query_start_loc=qsl, num_splits=splits, scheduler_metadata=sched)
+            query_start_loc=qsl, num_splits=splits, scheduler_metadata=sched,
+            decode_kernel="triton" if full_triton else None)
 
     fill([max_len, 3, 300, 1, 19])
     md = metadata(max_len)
@@ -389,19 +431,23 @@ def test_plain_mixed_step_flash(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("kernel", ["flash", "triton", "flash-unsplit"])
+@pytest.mark.parametrize("kernel,fp8", [
+    (k, f) for k in ["flash", "triton", "flash-unsplit"] for f in (False, True)
+] + [("flash-full-triton", False)])  # fp8 caches stay on FA3 (triton_full_decode)
 def test_uniform_decode_under_cuda_graph(kernel, fp8):
     if kernel == "flash-unsplit":
         _graph_decode_case("flash", flash_splits=1, fp8=fp8)
+    elif kernel == "flash-full-triton":
+        _graph_decode_case("flash", full_triton=True)
     else:
         _graph_decode_case(kernel, fp8=fp8)
 
 
 @pytest.mark.gpu
 def test_flash_graph_splits_by_batch():
-    """Captured decode batches large enough to fill the GPU get one FA3 split, smaller ones
-    vLLM's bound (the choice depends only on the padded batch, fixed per graph)."""
+    """Captured decode batches large enough to fill the GPU get one FA3 split, or our unsplit
+    Triton kernel where ``triton_full_decode`` is on; smaller ones FA3 with vLLM's bound (the
+    choice depends only on the padded batch, fixed per graph)."""
     from types import SimpleNamespace
 
     from vllm_sepllm.backend import SepLLMMetadataBuilder, _flash_attn, flash_unsplit_reqs
@@ -413,18 +459,24 @@ def test_flash_graph_splits_by_batch():
     b.decode_kernel, b.flash, b.full_graphs, b.max_graph_tokens = "flash", flash, True, 1024
     b.flash_graph_splits, b.num_heads_q, b.num_heads_kv, b.head_size = 32, 32, 8, 128
     b.block_size, b.kv_cache_spec = 16, SimpleNamespace(dtype=torch.bfloat16)
-    b.flash_unsplit_reqs = flash_unsplit_reqs(torch.device("cuda"), 8)
+    b.unsplit_reqs = flash_unsplit_reqs(torch.device("cuda"), 8)
     if torch.cuda.get_device_properties(0).multi_processor_count == 132:  # H100 / H200
-        assert b.flash_unsplit_reqs == 66
+        assert b.unsplit_reqs == 66
     b.scheduler_metadata = torch.zeros(1 + 1024 * 4, dtype=torch.int32, device="cuda")
-    for reqs, want in [(8, 32), (b.flash_unsplit_reqs - 1, 32), (b.flash_unsplit_reqs, 1),
-                       (512, 1)]:
-        cm = SimpleNamespace(
-            num_actual_tokens=reqs, max_query_len=1, num_reqs=reqs, max_seq_len=340,
-            seq_lens=torch.full((reqs,), 340, dtype=torch.int32, device="cuda"),
-            query_start_loc=torch.arange(reqs + 1, dtype=torch.int32, device="cuda"),
-            slot_mapping=None, block_table_tensor=None)
-        assert b._build_plain(cm).num_splits == want, reqs
+    for full_triton in (False, True):
+        b.triton_full_decode = full_triton
+        for reqs, want in [(8, 32), (b.unsplit_reqs - 1, 32), (b.unsplit_reqs, 1), (512, 1)]:
+            cm = SimpleNamespace(
+                num_actual_tokens=reqs, max_query_len=1, num_reqs=reqs, max_seq_len=340,
+                seq_lens=torch.full((reqs,), 340, dtype=torch.int32, device="cuda"),
+                query_start_loc=torch.arange(reqs + 1, dtype=torch.int32, device="cuda"),
+                slot_mapping=None, block_table_tensor=None)
+            md = b._build_plain(cm)
+            assert md.num_splits == want, (reqs, full_triton)
+            # Batches that fill the GPU: our unsplit Triton kernel where the default says so.
+            triton = full_triton and reqs >= b.unsplit_reqs
+            assert md.decode_kernel == ("triton" if triton else None), (reqs, full_triton)
+            assert (md.scheduler_metadata is None) == triton, (reqs, full_triton)
 
 
 @pytest.mark.gpu

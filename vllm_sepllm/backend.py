@@ -121,6 +121,8 @@ class SepLLMMetadata:
     num_splits: int | None = None
     scheduler_metadata: torch.Tensor | None = None
     max_query_len: int = 1
+    # This step's decode kernel where it differs from the backend's (triton_full_decode).
+    decode_kernel: str | None = None
 
 
 def decode_kernel_choice(device: torch.device, vllm_config: VllmConfig | None = None) -> str:
@@ -150,6 +152,18 @@ def decode_kernel_choice(device: torch.device, vllm_config: VllmConfig | None = 
     return choice
 
 
+def triton_full_decode(device: torch.device, vllm_config: VllmConfig | None = None) -> bool:
+    """Whether all-decode steps whose batch fills the GPU (:func:`kernels.decode.fills_gpu`)
+    use our Triton kernel although the decode kernel is FlashAttention: the default choice
+    (``VLLM_SEPLLM_DECODE_KERNEL`` unset) with a 16-bit cache. Measured on the H200 at batched
+    eviction's shape (512 rows of 324-356 keys): 185 us a layer against FA3's 220 us
+    (benchmarks/README.md, kernel benchmarks). fp8 caches stay on FA3 (its e4m3 queries)."""
+    return (os.environ.get("VLLM_SEPLLM_DECODE_KERNEL") is None
+            and decode_kernel_choice(device, vllm_config) == "flash"
+            and not (vllm_config is not None
+                     and is_fp8_cache_dtype(vllm_config.cache_config.cache_dtype)))
+
+
 def _cuda_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
@@ -164,8 +178,9 @@ def always_plain(cache_size: int | None, device: torch.device,
 
 def flash_unsplit_reqs(device: torch.device, num_kv_heads: int) -> int:
     """Smallest decode batch whose (request, KV head) pairs fill the GPU, 4 per SM, without
-    splitting the keys: its CUDA graph gets one FA3 split, which drops FA3's combine kernel
-    (H200, 512 x 340 cached tokens: 236 -> 221 us a layer, benchmarks/README.md)."""
+    splitting the keys (the rule of ``kernels.decode.fills_gpu``): its CUDA graph gets one
+    FA3 split, which drops FA3's combine kernel (H200, 512 x 340 cached tokens: 236 -> 221 us
+    a layer, benchmarks/README.md), or our unsplit Triton kernel (:func:`triton_full_decode`)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return -(-4 * sms // num_kv_heads)
 
@@ -238,6 +253,9 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
                             and cc.cudagraph_mode.has_full_cudagraphs())
         self.max_graph_tokens = cc.max_cudagraph_capture_size or 0
         self.flash = _flash_attn() if self.decode_kernel == "flash" else None
+        self.triton_full_decode = triton_full_decode(device, vllm_config)
+        self.unsplit_reqs = (flash_unsplit_reqs(device, self.num_heads_kv)
+                             if device.type == "cuda" else 0)
         # Batched eviction: no row needs a mask (policy.py), prefill rows included.
         self.always_plain = always_plain(engine_sepllm_config(vllm_config).cache_size, device,
                                          vllm_config)
@@ -249,7 +267,6 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
             # (1 + round_up(batch, 4) * 4 int32, flash_api.cpp).
             self.flash_graph_splits = vllm_config.attention_config.\
                 flash_attn_max_num_splits_for_cuda_graph
-            self.flash_unsplit_reqs = flash_unsplit_reqs(device, self.num_heads_kv)
             if self.flash.version == 3:
                 max_batch = max(vllm_config.scheduler_config.max_num_seqs,
                                 self.max_graph_tokens)
@@ -325,18 +342,23 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         FlashAttention only): persistent buffers only, so a full CUDA graph can replay an
         all-decode step.
 
-        Split counts must not depend on this step's lengths (a replay reuses the captured
-        launch): under graphs FA3 gets one split for batches that fill the GPU, else vLLM's
-        split bound, and our Triton kernel a count fixed by the batch size and
-        ``max_model_len``."""
+        Kernel and split counts must not depend on this step's lengths (a replay reuses the
+        captured launch). An all-decode batch that fills the GPU (``unsplit_reqs`` rows) runs
+        our Triton kernel unsplit where :func:`triton_full_decode` says so; otherwise, under
+        graphs, FA3 gets one split for batches that fill the GPU, else vLLM's split bound, and
+        the Triton kernel a count fixed by the batch size and ``max_model_len``."""
         num_tokens = cm.num_actual_tokens
         graphed = (self.full_graphs and cm.max_query_len == 1
                    and num_tokens <= self.max_graph_tokens)
-        num_splits = scheduler_metadata = None
-        if self.decode_kernel == "flash":
+        num_splits = scheduler_metadata = kernel = None
+        # cm.num_reqs is the captured (padded) batch: the same choices at a replay
+        if (self.triton_full_decode and cm.max_query_len == 1
+                and cm.num_reqs >= self.unsplit_reqs):
+            kernel, num_splits = "triton", 1
+        elif self.decode_kernel == "flash":
             num_splits = 0
             if graphed:  # cm.num_reqs is the captured (padded) batch: the same at replay
-                num_splits = (1 if cm.num_reqs >= self.flash_unsplit_reqs
+                num_splits = (1 if cm.num_reqs >= self.unsplit_reqs
                               else self.flash_graph_splits)
             if graphed and self.scheduler_metadata is not None:
                 sched = self.flash.scheduler_metadata(
@@ -372,6 +394,7 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
             num_splits=num_splits,
             scheduler_metadata=scheduler_metadata,
             max_query_len=cm.max_query_len,
+            decode_kernel=kernel,
         )
 
     def _build_triton_prefill(self, cm, state, rows: list[int], qsl: list[int],
@@ -562,7 +585,7 @@ class SepLLMImpl(AttentionImpl[SepLLMMetadata]):
         An fp8 cache: FA3 reads e4m3 K/V with per-(row, KV head) descales and wants the
         queries in e4m3 too (quantized here with the layer's ``q_scale``, as vLLM's attention
         layer does for FLASH_ATTN); the Triton kernel keeps the queries as they are."""
-        if self.decode_kernel == "flash":
+        if (md.decode_kernel or self.decode_kernel) == "flash":
             key_cache, value_cache = kv_cache.split(self.head_size, dim=-1)
             descales = {}
             if self.fp8:
