@@ -23,7 +23,8 @@
 # under vllm serve, FLASH_ATTN vs SEPLLM over a rate sweep; SERVE_* variables, see the step),
 # tp4 (4-GPU machine: W2 pair at TP=4, Llama-3-70B shape), dp2 (2-GPU machine: SEPLLM serving at
 # data parallel 1 then 2), w2prof (SEPLLM c356 alone on W2 under vLLM's profiler, --fast-start
-# then default compilation: kernel ms per step of the real run).
+# then default compilation: kernel ms per step of the real run), w2kernel (SEPLLM c356 alone on
+# W2 with the default decode kernels, then FA3 throughout).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git_commit=$(cat .commit 2>/dev/null || echo unknown)
@@ -133,6 +134,18 @@ for step in "$@"; do
         grep -v "Capturing CUDA graphs\|it/s\]" "$OUT/w2prof_$mode.log" | tail -200 > "$OUT/w2prof.tmp"
         mv "$OUT/w2prof.tmp" "$OUT/w2prof_$mode.log"
         grep -o '"elapsed_s": [0-9.]*\|"gpu_kernel_ms_per_step": [0-9.]*' "$OUT/h200_w2_prof_$mode.json"
+      done ;;
+    w2kernel)  # SEPLLM c356 alone on W2, default decode kernels (Triton for batches that fill
+      # the GPU), then VLLM_SEPLLM_DECODE_KERNEL=flash (FA3 throughout): the decode kernel's
+      # share of the real run; W_S seconds each, W_ARGS (default --fast-start)
+      for kern in default flash; do
+        (if [ $kern = flash ]; then export VLLM_SEPLLM_DECODE_KERNEL=flash; fi
+         CUDA_VISIBLE_DEVICES=0 timeout ${W_S:-180} python3 benchmarks/throughput.py --workload W2 \
+           --runs SEPLLM:a4s64w256c356 ${W_ARGS---fast-start} --no-progress \
+           --out "$OUT/h200_w2_kernel_$kern.json" > "$OUT/w2kernel_$kern.log" 2>&1
+         echo "w2kernel $kern rc=$?")
+        trim_logs "$OUT/w2kernel_$kern.log"
+        grep -o '"elapsed_s": [0-9.]*\|"out_tok_per_s": [0-9.]*' "$OUT/h200_w2_kernel_$kern.json"
       done ;;
     tp4)  # 4-GPU machine: W2 pair (TP4_WORKLOAD) at tensor parallel 4 on the Llama-3-70B shape,
       # SEPLLM c356 first; by estimate FLASH_ATTN alone needs ~300-400 s, so W_RUNS=FLASH_ATTN in
