@@ -167,8 +167,9 @@ def test_fp8_cache_decodes_with_flash_only_where_fa3_reads_it(monkeypatch):
 
 def test_full_decode_batches_take_triton_by_default_only(monkeypatch):
     """All-decode batches that fill the GPU run our Triton kernel when the decode kernel is
-    FlashAttention by default, with a 16-bit cache; an explicit VLLM_SEPLLM_DECODE_KERNEL, an
-    fp8 cache, no FlashAttention, or the CPU keep the backend's one kernel."""
+    FlashAttention by default, with a 16-bit cache and caches of at most
+    TRITON_FULL_DECODE_MAX_KEYS; an explicit VLLM_SEPLLM_DECODE_KERNEL, an fp8 cache, longer or
+    unbounded caches, no FlashAttention, or the CPU keep the backend's one kernel."""
     from types import SimpleNamespace
 
     import torch
@@ -184,16 +185,25 @@ def test_full_decode_batches_take_triton_by_default_only(monkeypatch):
     monkeypatch.delenv("VLLM_SEPLLM_DECODE_KERNEL", raising=False)
     monkeypatch.setattr(backend, "_flash_attn", lambda: SimpleNamespace(version=3))
     monkeypatch.setattr(backend, "_cuda_capability", lambda device: (9, 0))
-    assert backend.triton_full_decode(cuda, cfg("auto"))
-    assert backend.triton_full_decode(cuda)
-    assert not backend.triton_full_decode(cuda, cfg("fp8"))
-    assert not backend.triton_full_decode(cpu, cfg("auto"))
+    from vllm_sepllm.config import SepLLMConfig
+
+    top = backend.TRITON_FULL_DECODE_MAX_KEYS
+    c356 = SepLLMConfig(cache_size=356).max_cache_tokens  # batched eviction: 356
+    exact = SepLLMConfig().max_cache_tokens  # a + s + w = 324
+    assert backend.triton_full_decode(cuda, cfg("auto"), c356)
+    assert backend.triton_full_decode(cuda, None, exact)
+    assert backend.triton_full_decode(cuda, cfg("auto"), top)
+    assert not backend.triton_full_decode(cuda, cfg("auto"), top + 1)
+    assert not backend.triton_full_decode(  # no separator cap: unbounded
+        cuda, cfg("auto"), SepLLMConfig(sep_cap=None).max_cache_tokens)
+    assert not backend.triton_full_decode(cuda, cfg("fp8"), c356)
+    assert not backend.triton_full_decode(cpu, cfg("auto"), c356)
     for choice in ("flash", "triton"):
         monkeypatch.setenv("VLLM_SEPLLM_DECODE_KERNEL", choice)
-        assert not backend.triton_full_decode(cuda, cfg("auto")), choice
+        assert not backend.triton_full_decode(cuda, cfg("auto"), c356), choice
     monkeypatch.delenv("VLLM_SEPLLM_DECODE_KERNEL")
     monkeypatch.setattr(backend, "_flash_attn", lambda: None)  # the backend is Triton already
-    assert not backend.triton_full_decode(cuda, cfg("auto"))
+    assert not backend.triton_full_decode(cuda, cfg("auto"), c356)
 
 
 def test_request_sizes_past_the_context_and_odd_keys_are_refused():

@@ -152,13 +152,25 @@ def decode_kernel_choice(device: torch.device, vllm_config: VllmConfig | None = 
     return choice
 
 
-def triton_full_decode(device: torch.device, vllm_config: VllmConfig | None = None) -> bool:
+#: Longest per-request cache (the engine's ``max_cache_tokens``) for which all-decode batches
+#: that fill the GPU run our Triton kernel instead of FA3. H200, one layer, Llama-3-8B heads
+#: (kernels.py decode_tune): ~340 keys 99-195 us against FA3's 120-219 us (256-512 rows); ~1K
+#: keys 135-495 against 148-532 us; ~2K and ~4K keys a tie or FA3 ahead (160.7-170.9 against
+#: 159.8 us at 72 rows x 2K).
+TRITON_FULL_DECODE_MAX_KEYS = 1024
+
+
+def triton_full_decode(device: torch.device, vllm_config: VllmConfig | None = None,
+                       max_cache_tokens: int | None = None) -> bool:
     """Whether all-decode steps whose batch fills the GPU (:func:`kernels.decode.fills_gpu`)
     use our Triton kernel although the decode kernel is FlashAttention: the default choice
-    (``VLLM_SEPLLM_DECODE_KERNEL`` unset) with a 16-bit cache. Measured on the H200 at batched
-    eviction's shape (512 rows of 324-356 keys): 185 us a layer against FA3's 220 us
-    (benchmarks/README.md, kernel benchmarks). fp8 caches stay on FA3 (its e4m3 queries)."""
+    (``VLLM_SEPLLM_DECODE_KERNEL`` unset), a 16-bit cache, and caches bounded by
+    ``max_cache_tokens`` (the engine's :attr:`SepLLMConfig.max_cache_tokens`; None:
+    unbounded) <= ``TRITON_FULL_DECODE_MAX_KEYS``. W2 on the H200, SEPLLM c356 alone, same
+    call: 95.3 s against 101.2 s with FA3 throughout (benchmarks/README.md). fp8 caches stay on
+    FA3 (its e4m3 queries)."""
     return (os.environ.get("VLLM_SEPLLM_DECODE_KERNEL") is None
+            and max_cache_tokens is not None and max_cache_tokens <= TRITON_FULL_DECODE_MAX_KEYS
             and decode_kernel_choice(device, vllm_config) == "flash"
             and not (vllm_config is not None
                      and is_fp8_cache_dtype(vllm_config.cache_config.cache_dtype)))
@@ -253,7 +265,8 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
                             and cc.cudagraph_mode.has_full_cudagraphs())
         self.max_graph_tokens = cc.max_cudagraph_capture_size or 0
         self.flash = _flash_attn() if self.decode_kernel == "flash" else None
-        self.triton_full_decode = triton_full_decode(device, vllm_config)
+        self.triton_full_decode = triton_full_decode(
+            device, vllm_config, engine_sepllm_config(vllm_config).max_cache_tokens)
         self.unsplit_reqs = (flash_unsplit_reqs(device, self.num_heads_kv)
                              if device.type == "cuda" else 0)
         # Batched eviction: no row needs a mask (policy.py), prefill rows included.
