@@ -27,8 +27,9 @@ _NUM_WARPS = 4
 _NUM_STAGES = 3
 #: Launch settings (keys per tile, warps, stages) when one split per (request, KV head) already
 #: fills the GPU (at least 4 programs per SM) and heads are at most 128 wide: batched eviction's
-#: steady decode. H200, 512 rows of 324-356 keys, Hq 32 / Hkv 8 / D 128: 185 us a layer,
-#: against 215 us with the settings above and 220 us for FA3 (kernels.py decode_tune).
+#: steady decode. H200, 512 rows of 324-356 keys, Hq 32 / Hkv 8 / D 128, two sweeps: 185 and
+#: 195 us a layer, against 215 and 193 us with the settings above and 219 us for FA3; 256 rows:
+#: 99-101 against 106-107 and 120 us (kernels.py decode_tune, benchmarks/README.md).
 _FULL_GPU_LAUNCH = (32, 2, 2)
 _FULL_GPU_PROGRAMS_PER_SM = 4
 #: Splitting pays while it fills the GPU; below this many keys per split, launch and merge
