@@ -167,43 +167,43 @@ def test_fp8_cache_decodes_with_flash_only_where_fa3_reads_it(monkeypatch):
 
 def test_full_decode_batches_take_triton_by_default_only(monkeypatch):
     """All-decode batches that fill the GPU run our Triton kernel when the decode kernel is
-    FlashAttention by default, with a 16-bit cache and caches of at most
-    TRITON_FULL_DECODE_MAX_KEYS; an explicit VLLM_SEPLLM_DECODE_KERNEL, an fp8 cache, longer or
-    unbounded caches, no FlashAttention, or the CPU keep the backend's one kernel."""
+    FlashAttention by default, the cache is 16-bit, heads are at most 128 wide and the engine
+    uses batched eviction with cache_size <= TRITON_FULL_DECODE_MAX_KEYS (read from the
+    engine's additional_config, as the builder passes it); an explicit
+    VLLM_SEPLLM_DECODE_KERNEL, an fp8 cache, exact eviction (a request's window may lengthen
+    its cache), a larger cache_size, wider heads, no FlashAttention or the CPU keep the
+    backend's one kernel."""
     from types import SimpleNamespace
 
     import torch
 
     from vllm_sepllm import backend
 
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only
 
-    def cfg(cache_dtype):
+    def cfg(sepllm, cache_dtype="auto"):
         return SimpleNamespace(cache_config=SimpleNamespace(cache_dtype=cache_dtype),
-                               model_config=SimpleNamespace(dtype=torch.bfloat16))
+                               model_config=SimpleNamespace(dtype=torch.bfloat16),
+                               additional_config={"sepllm": sepllm})
 
+    top = backend.TRITON_FULL_DECODE_MAX_KEYS
+    c356 = {"cache_size": 356}
     monkeypatch.delenv("VLLM_SEPLLM_DECODE_KERNEL", raising=False)
     monkeypatch.setattr(backend, "_flash_attn", lambda: SimpleNamespace(version=3))
     monkeypatch.setattr(backend, "_cuda_capability", lambda device: (9, 0))
-    from vllm_sepllm.config import SepLLMConfig
-
-    top = backend.TRITON_FULL_DECODE_MAX_KEYS
-    c356 = SepLLMConfig(cache_size=356).max_cache_tokens  # batched eviction: 356
-    exact = SepLLMConfig().max_cache_tokens  # a + s + w = 324
-    assert backend.triton_full_decode(cuda, cfg("auto"), c356)
-    assert backend.triton_full_decode(cuda, None, exact)
-    assert backend.triton_full_decode(cuda, cfg("auto"), top)
-    assert not backend.triton_full_decode(cuda, cfg("auto"), top + 1)
-    assert not backend.triton_full_decode(  # no separator cap: unbounded
-        cuda, cfg("auto"), SepLLMConfig(sep_cap=None).max_cache_tokens)
-    assert not backend.triton_full_decode(cuda, cfg("fp8"), c356)
-    assert not backend.triton_full_decode(cpu, cfg("auto"), c356)
+    assert backend.triton_full_decode(cuda, cfg(c356), 128)
+    assert backend.triton_full_decode(cuda, cfg({"cache_size": top}), 64)
+    assert not backend.triton_full_decode(cuda, cfg({"cache_size": top + 1}), 128)
+    assert not backend.triton_full_decode(cuda, cfg({}), 128)  # exact eviction
+    assert not backend.triton_full_decode(cuda, cfg(c356), 256)
+    assert not backend.triton_full_decode(cuda, cfg(c356, "fp8"), 128)
+    assert not backend.triton_full_decode(cpu, cfg(c356), 128)
     for choice in ("flash", "triton"):
         monkeypatch.setenv("VLLM_SEPLLM_DECODE_KERNEL", choice)
-        assert not backend.triton_full_decode(cuda, cfg("auto"), c356), choice
+        assert not backend.triton_full_decode(cuda, cfg(c356), 128), choice
     monkeypatch.delenv("VLLM_SEPLLM_DECODE_KERNEL")
     monkeypatch.setattr(backend, "_flash_attn", lambda: None)  # the backend is Triton already
-    assert not backend.triton_full_decode(cuda, cfg("auto"), c356)
+    assert not backend.triton_full_decode(cuda, cfg(c356), 128)
 
 
 def test_request_sizes_past_the_context_and_odd_keys_are_refused():

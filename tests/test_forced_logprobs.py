@@ -54,6 +54,11 @@ SHAPE = dict(LLAMA3_8B, hidden_size=1024, intermediate_size=2048, num_hidden_lay
 QWEN3_SHAPE = dict(SHAPES["qwen3-8b"], hidden_size=1024, intermediate_size=2048,
                    num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                    vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=True)
+#: Llama-3-8B's heads (32 query heads over 8 KV heads of 128; q_proj 1,024 -> 4,096) at the same
+#: small size: decode batches of 66+ requests fill an H200 (4 unsplit (request, KV head)
+#: programs per SM) and take the Triton full-batch decode (``backend.triton_full_decode``);
+#: SHAPE's 2 KV heads would need 264.
+WIDE_KV_SHAPE = dict(SHAPE, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
 CUDA = torch.cuda.is_available()
 #: fp8 KV on the GPU: the yardstick is vLLM's FLASH_ATTN with the same fp8 cache and no
 #: eviction, against the full-attention oracle; SEPLLM fp8 must stay within FP8_MARGIN times its
@@ -92,6 +97,12 @@ def _spawn_engines():
 def model(tmp_path_factory) -> str:
     # bfloat16 on disk: vLLM (bf16 on CUDA, fp32 on CPU) and the fp32 oracle read the same numbers.
     return str(make_random_model(tmp_path_factory.mktemp("random-llama"), _tokenizer_dir(), SHAPE))
+
+
+@pytest.fixture(scope="module")
+def wide_kv_model(tmp_path_factory) -> str:
+    return str(make_random_model(tmp_path_factory.mktemp("random-llama-8kv"), _tokenizer_dir(),
+                                 WIDE_KV_SHAPE))
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +246,20 @@ def test_batched_eviction_matches_oracle(model, requests_, probed):
     # Eviction ran, and every request ended within c (+ the last step's token).
     assert all(0 < st["kv_evicted"] and st["kv_retained"] <= CACHE_SIZE + 1 for st in stats)
     _check(model, requests_, got, sep_ids, {"cache_size": CACHE_SIZE},
+           {"full attention": {"mode": "full"}, "exact rule": {}})
+
+
+@pytest.mark.gpu
+def test_full_batch_triton_decode_matches_oracle(wide_kv_model, requests_):
+    """Batched eviction with 8 KV heads: once the 80 requests' prompts are in, their all-decode
+    steps fill the GPU and run our Triton kernel (the default for such batches), the later,
+    smaller ones FA3; every request must match its rule's oracle as with FA3 throughout."""
+    from vllm_sepllm.backend import flash_unsplit_reqs
+
+    assert len(requests_) >= flash_unsplit_reqs(torch.device("cuda"), 8)
+    got, sep_ids, stats = _run(wide_kv_model, requests_, dict(SEPLLM, cache_size=CACHE_SIZE))
+    assert all(0 < st["kv_evicted"] and st["kv_retained"] <= CACHE_SIZE + 1 for st in stats)
+    _check(wide_kv_model, requests_, got, sep_ids, {"cache_size": CACHE_SIZE},
            {"full attention": {"mode": "full"}, "exact rule": {}})
 
 

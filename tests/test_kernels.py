@@ -315,6 +315,8 @@ def _graph_decode_case(kernel, flash_splits=32, fp8=False, full_triton=False):
     impl = SepLLMImpl.__new__(SepLLMImpl)
     impl.num_heads, impl.head_size, impl.num_kv_heads = num_heads, head_size, num_kv_heads
     impl.scale, impl.flash, impl.decode_kernel = head_size ** -0.5, flash, kernel
+    if full_triton:  # FA3 unreachable: ignoring SepLLMMetadata.decode_kernel would fail here
+        impl.flash = None
     impl.fp8 = fp8
     sched_buf = torch.zeros(1 + 4 * 2 * 4, dtype=torch.int32, device="cuda") \
         if kernel == "flash" and flash.version == 3 and not full_triton else None
@@ -477,6 +479,15 @@ def test_flash_graph_splits_by_batch():
             triton = full_triton and reqs >= b.unsplit_reqs
             assert md.decode_kernel == ("triton" if triton else None), (reqs, full_triton)
             assert (md.scheduler_metadata is None) == triton, (reqs, full_triton)
+    # A step with prefill chunks (batched eviction's plain path, max_query_len > 1) stays on
+    # FlashAttention however many rows: the Triton kernel reads one query per row.
+    reqs = 512
+    cm = SimpleNamespace(
+        num_actual_tokens=reqs + 63, max_query_len=64, num_reqs=reqs, max_seq_len=340,
+        seq_lens=torch.full((reqs,), 340, dtype=torch.int32, device="cuda"),
+        query_start_loc=torch.arange(reqs + 1, dtype=torch.int32, device="cuda"),
+        slot_mapping=None, block_table_tensor=None)
+    assert b._build_plain(cm).decode_kernel is None
 
 
 @pytest.mark.gpu

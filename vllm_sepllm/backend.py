@@ -152,28 +152,33 @@ def decode_kernel_choice(device: torch.device, vllm_config: VllmConfig | None = 
     return choice
 
 
-#: Longest per-request cache (the engine's ``max_cache_tokens``) for which all-decode batches
-#: that fill the GPU run our Triton kernel instead of FA3. H200, one layer, Llama-3-8B heads
-#: (kernels.py decode_tune): ~340 keys 99-195 us against FA3's 120-219 us (256-512 rows); ~1K
-#: keys 135-495 against 148-532 us; ~2K and ~4K keys a tie or FA3 ahead (160.7-170.9 against
-#: 159.8 us at 72 rows x 2K).
+#: Largest engine ``cache_size`` for which all-decode batches that fill the GPU run our Triton
+#: kernel instead of FA3. H200, one layer, Llama-3-8B heads (kernels.py decode_tune): ~340 keys
+#: 99-195 us against FA3's 120-219 us (256-512 rows); ~1K keys 135-495 against 148-532 us; ~2K
+#: and ~4K keys a tie or FA3 ahead (160.7-170.9 against 159.8 us at 72 rows x 2K).
 TRITON_FULL_DECODE_MAX_KEYS = 1024
+#: Widest head the choice was measured at (128); wider heads keep FA3.
+TRITON_FULL_DECODE_MAX_HEAD = 128
 
 
-def triton_full_decode(device: torch.device, vllm_config: VllmConfig | None = None,
-                       max_cache_tokens: int | None = None) -> bool:
+def triton_full_decode(device: torch.device, vllm_config: VllmConfig, head_size: int) -> bool:
     """Whether all-decode steps whose batch fills the GPU (:func:`kernels.decode.fills_gpu`)
     use our Triton kernel although the decode kernel is FlashAttention: the default choice
-    (``VLLM_SEPLLM_DECODE_KERNEL`` unset), a 16-bit cache, and caches bounded by
-    ``max_cache_tokens`` (the engine's :attr:`SepLLMConfig.max_cache_tokens`; None:
-    unbounded) <= ``TRITON_FULL_DECODE_MAX_KEYS``. W2 on the H200, SEPLLM c356 alone, same
-    call: 95.3 s against 101.2 s with FA3 throughout (benchmarks/README.md). fp8 caches stay on
-    FA3 (its e4m3 queries)."""
+    (``VLLM_SEPLLM_DECODE_KERNEL`` unset), a 16-bit cache, heads of at most
+    ``TRITON_FULL_DECODE_MAX_HEAD``, and batched eviction with the engine's ``cache_size`` at
+    most ``TRITON_FULL_DECODE_MAX_KEYS``: requests cannot raise their cache past it (a larger
+    per-request window is refused), whereas without ``cache_size`` a request's window may make
+    its cache arbitrarily long (correct either way, but a long row is one unsplit program).
+    W2 on the H200, SEPLLM c356 alone, same call: 95.3 s against 101.2 s with FA3 throughout
+    (benchmarks/README.md). fp8 caches stay on FA3 (its e4m3 queries)."""
+    from vllm_sepllm.patches import engine_sepllm_config
+
+    cache_size = engine_sepllm_config(vllm_config).cache_size
     return (os.environ.get("VLLM_SEPLLM_DECODE_KERNEL") is None
-            and max_cache_tokens is not None and max_cache_tokens <= TRITON_FULL_DECODE_MAX_KEYS
+            and cache_size is not None and cache_size <= TRITON_FULL_DECODE_MAX_KEYS
+            and head_size <= TRITON_FULL_DECODE_MAX_HEAD
             and decode_kernel_choice(device, vllm_config) == "flash"
-            and not (vllm_config is not None
-                     and is_fp8_cache_dtype(vllm_config.cache_config.cache_dtype)))
+            and not is_fp8_cache_dtype(vllm_config.cache_config.cache_dtype))
 
 
 def _cuda_capability(device: torch.device) -> tuple[int, int]:
@@ -265,8 +270,7 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
                             and cc.cudagraph_mode.has_full_cudagraphs())
         self.max_graph_tokens = cc.max_cudagraph_capture_size or 0
         self.flash = _flash_attn() if self.decode_kernel == "flash" else None
-        self.triton_full_decode = triton_full_decode(
-            device, vllm_config, engine_sepllm_config(vllm_config).max_cache_tokens)
+        self.triton_full_decode = triton_full_decode(device, vllm_config, self.head_size)
         self.unsplit_reqs = (flash_unsplit_reqs(device, self.num_heads_kv)
                              if device.type == "cuda" else 0)
         # Batched eviction: no row needs a mask (policy.py), prefill rows included.
@@ -366,7 +370,8 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         num_splits = scheduler_metadata = kernel = None
         # cm.num_reqs is the captured (padded) batch: the same choices at a replay
         if (self.triton_full_decode and cm.max_query_len == 1
-                and cm.num_reqs >= self.unsplit_reqs):
+                and cm.num_reqs >= self.unsplit_reqs
+                and cm.num_actual_tokens == cm.num_reqs):  # the kernel: one query per row
             kernel, num_splits = "triton", 1
         elif self.decode_kernel == "flash":
             num_splits = 0
