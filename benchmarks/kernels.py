@@ -18,7 +18,8 @@ Shape: Llama-3-8B attention (Hq 32, Hkv 8, head size 128, bf16, block size 16).
 * decode_tune: batched eviction's decode shape (512 and 256 rows of 324-356 cached keys): FA3
   as the backend calls it there, vLLM's Triton unified attention, and ``sepllm_decode`` at each
   launch setting (keys per tile, warps, stages); then longer caches (~1K, ~2K, ~4K keys) at
-  batches that fill the GPU with four settings; ``max_diff`` against FA3.
+  batches that fill the GPU, and other head layouts per rank (Llama-3-70B at TP=4: 16 over 2 KV
+  heads; Qwen2.5-7B: 28 over 4), with four settings; ``max_diff`` against FA3.
 * prefill: ``sepllm_prefill`` (SepLLM mask, a4 s64 w512) vs FlashAttention varlen causal, chunks
   of 2048 new tokens after ~580 cached keys (R(n) of a 4096-token history: 4 sinks, 64
   separators, 511 window keys); tokens/s of query tokens. ``meta_us`` is the
@@ -111,11 +112,12 @@ def flash_attention():
     return flash_attn_varlen_func, get_flash_attn_version()
 
 
-def paged_cache(lens: list[int], gen: torch.Generator, block_size: int = BLOCK_SIZE):
+def paged_cache(lens: list[int], gen: torch.Generator, block_size: int = BLOCK_SIZE,
+                num_kv_heads: int = NUM_KV_HEADS):
     """A bf16 cache whose pages are shuffled, and its [B, max_blocks] int32 block table."""
     pages = [-(-n // block_size) for n in lens]
     num_blocks = sum(pages)
-    kv_cache = torch.randn(num_blocks, block_size, NUM_KV_HEADS, 2 * HEAD_SIZE, dtype=DTYPE,
+    kv_cache = torch.randn(num_blocks, block_size, num_kv_heads, 2 * HEAD_SIZE, dtype=DTYPE,
                            device="cuda")
     perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
     block_table = torch.zeros(len(lens), max(pages), dtype=torch.int32)
@@ -212,15 +214,18 @@ def bench_fa_paging(timer: Timer, fa) -> list[dict]:
 
 
 def decode_tune_case(timer: Timer, fa, batch: int, lens: list[int], gen: torch.Generator,
-                     configs: list[tuple[int, int, int]]) -> list[dict]:
+                     configs: list[tuple[int, int, int]],
+                     heads: tuple[int, int] = (NUM_HEADS, NUM_KV_HEADS)) -> list[dict]:
     """One decode layer at ``batch`` rows of the given cache lengths (batched eviction's
     steady state): FA3 as the backend calls it at this batch (one split, FA3's ahead-of-time
     schedule), vLLM's Triton unified attention, and our Triton kernel at each launch setting
-    ``(tile_n, num_warps, num_stages)``; every output against FA3's."""
-    kv_cache, block_table = paged_cache(lens, gen)
+    ``(tile_n, num_warps, num_stages)``; every output against FA3's. ``heads``: (query, KV)
+    heads of one rank."""
+    num_heads, num_kv_heads = heads
+    kv_cache, block_table = paged_cache(lens, gen, num_kv_heads=num_kv_heads)
     cache_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, NUM_HEADS, HEAD_SIZE, dtype=DTYPE, device="cuda")
-    kv_bytes = sum(lens) * NUM_KV_HEADS * 2 * HEAD_SIZE * kv_cache.element_size()
+    q = torch.randn(batch, num_heads, HEAD_SIZE, dtype=DTYPE, device="cuda")
+    kv_bytes = sum(lens) * num_kv_heads * 2 * HEAD_SIZE * kv_cache.element_size()
     key_cache, value_cache = kv_cache.split(HEAD_SIZE, dim=-1)
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     max_len = max(lens)
@@ -229,13 +234,14 @@ def decode_tune_case(timer: Timer, fa, batch: int, lens: list[int], gen: torch.G
     def record(kernel: str, fn, out: torch.Tensor, **extra) -> None:
         nonlocal ref
         us = timer.gpu_us(fn)
-        rec = {"batch": batch, "mean_len": round(sum(lens) / batch, 1), "kernel": kernel,
-               **extra, "gpu_us": us, "gbps": kv_bytes / us / 1e3}
+        rec = {"batch": batch, "mean_len": round(sum(lens) / batch, 1), "heads": list(heads),
+               "kernel": kernel, **extra, "gpu_us": us, "gbps": kv_bytes / us / 1e3}
         if ref is None:
             ref = out.float().clone()
         else:
             rec["max_diff"] = (out.float() - ref).abs().max().item()
-        print(f"decode_tune B={batch} {kernel:9s} {extra or ''} {us:8.1f} us "
+        print(f"decode_tune B={batch} H={num_heads}/{num_kv_heads} {kernel:9s} {extra or ''} "
+              f"{us:8.1f} us "
               f"{rec['gbps']:7.0f} GB/s", flush=True)
         recs.append(rec)
 
@@ -244,8 +250,8 @@ def decode_tune_case(timer: Timer, fa, batch: int, lens: list[int], gen: torch.G
 
         fn, version = fa
         sched = get_scheduler_metadata(
-            batch_size=batch, max_seqlen_q=1, max_seqlen_k=max_len, num_heads_q=NUM_HEADS,
-            num_heads_kv=NUM_KV_HEADS, headdim=HEAD_SIZE, cache_seqlens=cache_lens,
+            batch_size=batch, max_seqlen_q=1, max_seqlen_k=max_len, num_heads_q=num_heads,
+            num_heads_kv=num_kv_heads, headdim=HEAD_SIZE, cache_seqlens=cache_lens,
             qkv_dtype=DTYPE, cu_seqlens_q=cu_q, page_size=BLOCK_SIZE, causal=True,
             window_size=(-1, -1), num_splits=1)
         fa_out = torch.empty_like(q)
@@ -294,6 +300,11 @@ def bench_decode_tune(timer: Timer, fa) -> list[dict]:
                              (72, 1800, 2200)):
         lens = [rng.randint(low, high) for _ in range(batch)]
         recs += decode_tune_case(timer, fa, batch, lens, gen, few)
+    # Other head layouts per rank at batched eviction's lengths: Llama-3-70B at TP=4 (16 query
+    # heads over 2 KV heads) and Qwen2.5-7B (28 over 4).
+    for batch, heads in ((512, (16, 2)), (512, (28, 4)), (288, (16, 2))):
+        lens = [rng.randint(324, 356) for _ in range(batch)]
+        recs += decode_tune_case(timer, fa, batch, lens, gen, few, heads)
     return recs
 
 
