@@ -484,7 +484,9 @@ def table(results: dict) -> str:
                        "fa_gbps", "max_diff"],
             "compact": ["batch", "layers", "cuda_gpu_us", "torch_gpu_us"],
             "prefill": ["batch", "chunk", "cached_keys", "meta_us", "sepllm_gpu_us",
-                        "sepllm_tok_per_s", "fa_gpu_us", "fa_tok_per_s"]}
+                        "sepllm_tok_per_s", "fa_gpu_us", "fa_tok_per_s"],
+            "decode_tune": ["batch", "mean_len", "heads", "kernel", "tile_n", "num_warps",
+                            "num_stages", "gpu_us", "gbps", "max_diff"]}
     lines = [f"{results.get('env', {}).get('gpu')}, commit {results.get('env', {}).get('commit')}"]
     for name, keys in cols.items():
         rows = results.get(name) or []
