@@ -24,7 +24,8 @@
 # tp4 (4-GPU machine: W2 pair at TP=4, Llama-3-70B shape), dp2 (2-GPU machine: SEPLLM serving at
 # data parallel 1 then 2), w2prof (SEPLLM c356 alone on W2 under vLLM's profiler, --fast-start
 # then default compilation: kernel ms per step of the real run), w2kernel (SEPLLM c356 alone on
-# W2 with the default decode kernels, then FA3 throughout).
+# W2 with the default decode kernels, then FA3 throughout), oracle (the end-to-end GPU oracle
+# tests of test_forced_logprobs.py by name: ORACLE_TESTS, ORACLE_S).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git_commit=$(cat .commit 2>/dev/null || echo unknown)
@@ -135,6 +136,14 @@ for step in "$@"; do
         mv "$OUT/w2prof.tmp" "$OUT/w2prof_$mode.log"
         grep -o '"elapsed_s": [0-9.]*\|"gpu_kernel_ms_per_step": [0-9.]*' "$OUT/h200_w2_prof_$mode.json"
       done ;;
+    oracle)  # end-to-end GPU oracle tests (tests/test_forced_logprobs.py; not all are marked
+      # gpu, so they are named): ORACLE_TESTS (default: the Triton full-batch decode case, then
+      # batched and exact eviction), ORACLE_S; each test's error summary is printed
+      f=tests/test_forced_logprobs.py
+      timeout ${ORACLE_S:-500} python3 -m pytest -q -s -p no:cacheprovider ${ORACLE_TESTS:-$f::test_full_batch_triton_decode_matches_oracle $f::test_batched_eviction_matches_oracle $f::test_exact_eviction_matches_oracle} \
+        > "$OUT/oracle.log" 2>&1; echo "oracle rc=$?"
+      grep -h "forced tokens\|passed\|failed\|Error" "$OUT/oracle.log" | tail -12
+      trim_logs "$OUT/oracle.log" ;;
     w2kernel)  # SEPLLM c356 alone on W2, default decode kernels (Triton for batches that fill
       # the GPU), then VLLM_SEPLLM_DECODE_KERNEL=flash (FA3 throughout): the decode kernel's
       # share of the real run; W_S seconds each, W_ARGS (default --fast-start)
