@@ -199,9 +199,15 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def min_full_batch(num_kv_heads: int, device: torch.device) -> int:
+    """Fewest rows whose unsplit (row, KV head) programs give every SM
+    ``_FULL_GPU_PROGRAMS_PER_SM`` (66 with 8 KV heads on a 132-SM H200)."""
+    return -(-_FULL_GPU_PROGRAMS_PER_SM * _num_sms(device) // num_kv_heads)
+
+
 def fills_gpu(batch: int, num_kv_heads: int, device: torch.device) -> bool:
-    """Whether ``batch`` rows give every SM ``_FULL_GPU_PROGRAMS_PER_SM`` unsplit programs."""
-    return batch * num_kv_heads >= _FULL_GPU_PROGRAMS_PER_SM * _num_sms(device)
+    """Whether ``batch`` rows fill the GPU unsplit (:func:`min_full_batch`)."""
+    return batch >= min_full_batch(num_kv_heads, device)
 
 
 def launch_settings(batch: int, num_kv_heads: int, head_size: int, num_splits: int,

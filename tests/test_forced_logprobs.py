@@ -256,9 +256,9 @@ def test_full_batch_triton_decode_matches_oracle(wide_kv_model, requests_):
     """Batched eviction with 8 KV heads: once the 80 requests' prompts are in, their all-decode
     steps fill the GPU and run our Triton kernel (the default for such batches), the later,
     smaller ones FA3; every request must match its rule's oracle as with FA3 throughout."""
-    from vllm_sepllm.backend import flash_unsplit_reqs
+    from kernels.decode import min_full_batch
 
-    assert len(requests_) >= flash_unsplit_reqs(torch.device("cuda"), 8)
+    assert len(requests_) >= min_full_batch(8, torch.device("cuda"))
     got, sep_ids, stats = _run(wide_kv_model, requests_, dict(SEPLLM, cache_size=CACHE_SIZE))
     assert all(0 < st["kv_evicted"] and st["kv_retained"] <= CACHE_SIZE + 1 for st in stats)
     _check(wide_kv_model, requests_, got, sep_ids, {"cache_size": CACHE_SIZE},

@@ -452,7 +452,8 @@ def test_flash_graph_splits_by_batch():
     choice depends only on the padded batch, fixed per graph)."""
     from types import SimpleNamespace
 
-    from vllm_sepllm.backend import SepLLMMetadataBuilder, _flash_attn, flash_unsplit_reqs
+    from kernels.decode import min_full_batch
+    from vllm_sepllm.backend import SepLLMMetadataBuilder, _flash_attn
 
     flash = _flash_attn()
     if flash is None or flash.version != 3:
@@ -461,7 +462,7 @@ def test_flash_graph_splits_by_batch():
     b.decode_kernel, b.flash, b.full_graphs, b.max_graph_tokens = "flash", flash, True, 1024
     b.flash_graph_splits, b.num_heads_q, b.num_heads_kv, b.head_size = 32, 32, 8, 128
     b.block_size, b.kv_cache_spec = 16, SimpleNamespace(dtype=torch.bfloat16)
-    b.unsplit_reqs = flash_unsplit_reqs(torch.device("cuda"), 8)
+    b.unsplit_reqs = min_full_batch(8, torch.device("cuda"))
     if torch.cuda.get_device_properties(0).multi_processor_count == 132:  # H100 / H200
         assert b.unsplit_reqs == 66
     b.scheduler_metadata = torch.zeros(1 + 1024 * 4, dtype=torch.int32, device="cuda")

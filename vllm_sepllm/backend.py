@@ -162,7 +162,7 @@ TRITON_FULL_DECODE_MAX_HEAD = 128
 
 
 def triton_full_decode(device: torch.device, vllm_config: VllmConfig, head_size: int) -> bool:
-    """Whether all-decode steps whose batch fills the GPU (:func:`kernels.decode.fills_gpu`)
+    """Whether all-decode steps whose batch fills the GPU (:func:`kernels.decode.min_full_batch`)
     use our Triton kernel although the decode kernel is FlashAttention: the default choice
     (``VLLM_SEPLLM_DECODE_KERNEL`` unset), a 16-bit cache, heads of at most
     ``TRITON_FULL_DECODE_MAX_HEAD``, and batched eviction with the engine's ``cache_size`` at
@@ -191,15 +191,6 @@ def always_plain(cache_size: int | None, device: torch.device,
     (``cache_size``) with vLLM's FlashAttention for decode. The worker then keeps no per-slot
     records (only masks and PE shift read them)."""
     return cache_size is not None and decode_kernel_choice(device, vllm_config) == "flash"
-
-
-def flash_unsplit_reqs(device: torch.device, num_kv_heads: int) -> int:
-    """Smallest decode batch whose (request, KV head) pairs fill the GPU, 4 per SM, without
-    splitting the keys (the rule of ``kernels.decode.fills_gpu``): its CUDA graph gets one
-    FA3 split, which drops FA3's combine kernel (H200, 512 x 340 cached tokens: 236 -> 221 us
-    a layer, benchmarks/README.md), or our unsplit Triton kernel (:func:`triton_full_decode`)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return -(-4 * sms // num_kv_heads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,8 +262,14 @@ class SepLLMMetadataBuilder(AttentionMetadataBuilder[SepLLMMetadata]):
         self.max_graph_tokens = cc.max_cudagraph_capture_size or 0
         self.flash = _flash_attn() if self.decode_kernel == "flash" else None
         self.triton_full_decode = triton_full_decode(device, vllm_config, self.head_size)
-        self.unsplit_reqs = (flash_unsplit_reqs(device, self.num_heads_kv)
-                             if device.type == "cuda" else 0)
+        self.unsplit_reqs = 0
+        if device.type == "cuda":
+            # Batches that fill the GPU unsplit, 4 (row, KV head) programs per SM: their CUDA
+            # graph gets one FA3 split, dropping FA3's combine kernel (H200, 512 x 340 cached
+            # tokens: 236 -> 221 us a layer), or our unsplit Triton kernel (triton_full_decode).
+            from kernels.decode import min_full_batch
+
+            self.unsplit_reqs = min_full_batch(self.num_heads_kv, device)
         # Batched eviction: no row needs a mask (policy.py), prefill rows included.
         self.always_plain = always_plain(engine_sepllm_config(vllm_config).cache_size, device,
                                          vllm_config)
