@@ -27,10 +27,12 @@ _NUM_WARPS = 4
 _NUM_STAGES = 3
 #: Launch settings (keys per tile, warps, stages) when one split per (request, KV head) already
 #: fills the GPU (at least 4 programs per SM) and heads are at most 128 wide: batched eviction's
-#: steady decode. H200, 512 rows of 324-356 keys, Hq 32 / Hkv 8 / D 128, two sweeps: 185 and
-#: 195 us a layer, against 215 and 193 us with the settings above and 219 us for FA3; 256 rows:
-#: 99-101 against 106-107 and 120 us (kernels.py decode_tune, benchmarks/README.md).
-_FULL_GPU_LAUNCH = (32, 2, 2)
+#: steady decode. H200, Hq 32 / Hkv 8 / D 128, one layer (kernels.py decode_tune, two sweeps;
+#: benchmarks/README.md): 512 rows of 324-356 keys 185 and 181 us, against 185 and 195 us with
+#: 32/2/2, 215 and 193 us with the settings above and 219 us for FA3; 256 rows 100 us (32/2/2 99,
+#: FA3 120); 72 rows of ~2K keys 161 us (32/2/2 171, FA3 160); 512 rows of ~1K keys 497 us
+#: (32/2/2 495, FA3 532).
+_FULL_GPU_LAUNCH = (128, 4, 3)
 _FULL_GPU_PROGRAMS_PER_SM = 4
 #: Splitting pays while it fills the GPU; below this many keys per split, launch and merge
 #: costs dominate.
