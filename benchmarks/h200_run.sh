@@ -124,17 +124,19 @@ for step in "$@"; do
       # W_ARGS (default --fast-start). A W2 pair fits one call only where engines start in
       # ~15 s: on hosts that took 43-52 s, FLASH_ATTN was cut by the call's limit
       pair ${step^^} ${W_S:-545} ${W_RUNS:-SEPLLM:a4s64w256c356 FLASH_ATTN} ${W_ARGS---fast-start} ;;
-    w2prof)  # SEPLLM c356 alone on W2 with vLLM's profiler in the engine core (kernel ms per step of
-      # the real run, PROF_STEPS steps after PROF_DELAY): --fast-start, then default compilation
-      for mode in fast-start default; do
+    w2prof)  # W2 runs (PROF_RUNS, default SEPLLM c356) with vLLM's profiler in the engine core:
+      # kernel ms per step of the real run and the GPU's idle time per step with the host work
+      # it overlaps (profile.timeline, trace_gaps.py), PROF_STEPS steps after PROF_DELAY; per
+      # mode of PROF_MODES (fast-start, default = torch.compile); the traces go to $OUT/traces
+      for mode in ${PROF_MODES:-fast-start}; do
         flag=; [ $mode = fast-start ] && flag=--fast-start
         CUDA_VISIBLE_DEVICES=0 timeout ${W_S:-260} python3 benchmarks/throughput.py --workload W2 \
-          --runs SEPLLM:a4s64w256c356 $flag --profile-steps ${PROF_STEPS:-40} \
-          --profile-delay ${PROF_DELAY:-1000} --no-progress --out "$OUT/h200_w2_prof_$mode.json" \
-          > "$OUT/w2prof_$mode.log" 2>&1; echo "w2prof $mode rc=$?"
+          --runs ${PROF_RUNS:-SEPLLM:a4s64w256c356} $flag --profile-steps ${PROF_STEPS:-40} \
+          --profile-delay ${PROF_DELAY:-1000} --profile-trace "$OUT/traces" --no-progress \
+          --out "$OUT/h200_w2_prof_$mode.json" > "$OUT/w2prof_$mode.log" 2>&1; echo "w2prof $mode rc=$?"
         grep -v "Capturing CUDA graphs\|it/s\]" "$OUT/w2prof_$mode.log" | tail -200 > "$OUT/w2prof.tmp"
         mv "$OUT/w2prof.tmp" "$OUT/w2prof_$mode.log"
-        grep -o '"elapsed_s": [0-9.]*\|"gpu_kernel_ms_per_step": [0-9.]*' "$OUT/h200_w2_prof_$mode.json"
+        python3 -c "import json,sys; [print(r['backend'], r['config'], r['elapsed_s'], json.dumps(r.get('profile', {}).get('timeline'))) for r in json.load(open(sys.argv[1]))]" "$OUT/h200_w2_prof_$mode.json"
       done ;;
     oracle)  # end-to-end GPU oracle tests (tests/test_forced_logprobs.py; not all are marked
       # gpu, so they are named): ORACLE_TESTS (default: the Triton full-batch decode case, then

@@ -50,6 +50,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,7 @@ from benchmarks.common import (  # noqa: E402
     real_prompts_and_continuations,
     separator_rate,
 )
+from benchmarks.trace_gaps import find_trace, load_events, summarize  # noqa: E402
 
 #: H200 figures used by the roofline (ENVIRONMENT.md: device-to-device copy, measured bf16 GEMM).
 H200_HBM_TBPS = 4.3
@@ -343,6 +345,8 @@ def run_one(args: argparse.Namespace) -> dict:
             "profiler": "torch", "torch_profiler_dir": str(prof_dir),
             "delay_iterations": args.profile_delay, "max_iterations": args.profile_steps,
             "torch_profiler_with_stack": False, "ignore_frontend": True}
+        # vLLM's runner and scheduler scopes (and SepLLM's) in the trace (trace_gaps.py).
+        os.environ["VLLM_CUSTOM_SCOPES_FOR_PROFILING"] = "1"
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
@@ -427,6 +431,17 @@ def run_one(args: argparse.Namespace) -> dict:
     }
     if prof_dir is not None:
         record["profile"] = profile_summary(prof_dir, args.profile_steps, args.profile_delay)
+        trace_file = find_trace(prof_dir)
+        if trace_file is not None:
+            try:
+                record["profile"]["timeline"] = summarize(load_events(trace_file))
+            except (OSError, ValueError, KeyError) as e:
+                record["profile"]["timeline"] = {"error": f"{type(e).__name__}: {e}"}
+            if args.profile_trace:
+                dest = Path(args.profile_trace)
+                dest.mkdir(parents=True, exist_ok=True)
+                run_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.run)
+                shutil.copy(trace_file, dest / f"{run_name}_{trace_file.name}")
     record.update(environment())
     hbm, tflops = args.hbm_tbps, args.peak_tflops
     if hbm is None and record["gpu"] != "cpu":
@@ -567,6 +582,9 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int, default=0, metavar="N",
                    help="vLLM's torch profiler in the engine core over N steps (record: "
                         "'profile', kernel ms per step)")
+    p.add_argument("--profile-trace", default=None, metavar="DIR",
+                   help="with --profile-steps: copy the engine core's Chrome trace here "
+                        "(trace_gaps.py reads it; the record's profile.timeline is its summary)")
     p.add_argument("--profile-delay", type=int, default=600, metavar="K",
                    help="engine steps before the profiled ones (past the prefill)")
     p.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)  # the default now

@@ -613,6 +613,9 @@ EXPECTATIONS: tuple[Expect, ...] = (
     E("vllm.v1.kv_cache_interface", "KVCacheConfig.num_blocks", "field"),
     E("vllm.v1.kv_cache_interface", "KVCacheGroupSpec.kv_cache_spec", "field"),
     E("vllm.logger", "init_logger", "function", positional=("name",)),
+    E("vllm.v1.utils", "record_function_or_nullcontext", "function", exact=("name",),
+      mentions=("VLLM_CUSTOM_SCOPES_FOR_PROFILING",),
+      note="scheduler.py, worker.py: SepLLM's profiler scopes (benchmarks/trace_gaps.py)"),
     # ------------------------------------------------------------------ rope_shift.py (pe_shift)
     E("vllm.model_executor.layers.rotary_embedding.base", "RotaryEmbedding", "class",
       bases=("RotaryEmbeddingBase",), note="SUPPORTED_ROPE_CLASSES (by class name)"),

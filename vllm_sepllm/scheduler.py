@@ -28,6 +28,7 @@ import numpy as np
 from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.request import Request
+from vllm.v1.utils import record_function_or_nullcontext
 
 from vllm_sepllm import compat
 from vllm_sepllm.config import SepLLMConfig
@@ -166,118 +167,120 @@ class _SepLLMSchedulerMixin:
         # decode step on the H200 is host-bound, benchmarks/README.md). Per-request Python
         # only where a request's step is not a plain batched one (SepLLMManager.evict_batch).
         t0 = time.perf_counter()
-        mgr = self.sepllm_manager
-        stats = self.sepllm_stats
-        cache_size = mgr.cache_size
-        defer = self.sepllm_defer
-        # With prefix caching a prompt is evicted only once computed: with exact eviction up
-        # to its last token (a last one-token chunk is then a plain decode row), with batched
-        # eviction whole (the prompt is one step: plain causal attention throughout).
-        prompt_tail = 1 if cache_size is None else 0
-        deferred: list[Request] = []
-        deferred_free: list = []
-        freed_before = mgr.num_blocks_freed
-        running = self.running
-        ev = None
-        if running:
-            num = len(running)
-            ns = np.fromiter(map(_NUM_COMPUTED, running), dtype=np.int64, count=num)
-            take = ns > 0
-            if defer:
-                prompts = np.fromiter(map(_NUM_PROMPT, running), dtype=np.int64, count=num)
-                held = take & (ns < prompts - prompt_tail)
-                if held.any():  # their blocks stay as they are (registered)
-                    deferred = [running[i] for i in np.flatnonzero(held).tolist()]
-                    take &= ~held
-            idx = np.flatnonzero(take)
-            reqs = list(running) if idx.size == num else [running[i] for i in idx.tolist()]
-            if reqs:
-                # The same requests as the last step (decode steps): their ids and table rows
-                # too, unless a record joined or left the table since.
-                last = self._sepllm_batch
-                table = mgr.table
-                if (last is not None and table is not None
-                        and last[3] == table.generation and last[0] == reqs):
-                    rids, rows = last[1], last[2]
-                else:
-                    rids = list(map(_REQUEST_ID, reqs))
-                    rows = table.rows_of(rids) if table is not None else None
-                if table is not None:
-                    self._sepllm_batch = (reqs, rids, rows, table.generation)
-                ev = mgr.evict_batch(
-                    rids, ns[idx], _TokenLists(reqs),
-                    lambda i: self._retention_of(reqs[i]), self.sepllm_sep_ids,
-                    deferred_free, lambda i: self._sepllm_preempt(reqs[i]), rows)
-        if deferred_free:
-            mgr.block_pool.free_blocks(deferred_free)
-        stats.freed_blocks += mgr.num_blocks_freed - freed_before
-        if ev is not None:
-            stats.evicted_tokens += int(ev.evicted.sum())
-        stats.eviction_seconds += time.perf_counter() - t0
+        with record_function_or_nullcontext("sepllm: eviction"):
+            mgr = self.sepllm_manager
+            stats = self.sepllm_stats
+            cache_size = mgr.cache_size
+            defer = self.sepllm_defer
+            # With prefix caching a prompt is evicted only once computed: with exact eviction up
+            # to its last token (a last one-token chunk is then a plain decode row), with batched
+            # eviction whole (the prompt is one step: plain causal attention throughout).
+            prompt_tail = 1 if cache_size is None else 0
+            deferred: list[Request] = []
+            deferred_free: list = []
+            freed_before = mgr.num_blocks_freed
+            running = self.running
+            ev = None
+            if running:
+                num = len(running)
+                ns = np.fromiter(map(_NUM_COMPUTED, running), dtype=np.int64, count=num)
+                take = ns > 0
+                if defer:
+                    prompts = np.fromiter(map(_NUM_PROMPT, running), dtype=np.int64, count=num)
+                    held = take & (ns < prompts - prompt_tail)
+                    if held.any():  # their blocks stay as they are (registered)
+                        deferred = [running[i] for i in np.flatnonzero(held).tolist()]
+                        take &= ~held
+                idx = np.flatnonzero(take)
+                reqs = list(running) if idx.size == num else [running[i] for i in idx.tolist()]
+                if reqs:
+                    # The same requests as the last step (decode steps): their ids and table rows
+                    # too, unless a record joined or left the table since.
+                    last = self._sepllm_batch
+                    table = mgr.table
+                    if (last is not None and table is not None
+                            and last[3] == table.generation and last[0] == reqs):
+                        rids, rows = last[1], last[2]
+                    else:
+                        rids = list(map(_REQUEST_ID, reqs))
+                        rows = table.rows_of(rids) if table is not None else None
+                    if table is not None:
+                        self._sepllm_batch = (reqs, rids, rows, table.generation)
+                    ev = mgr.evict_batch(
+                        rids, ns[idx], _TokenLists(reqs),
+                        lambda i: self._retention_of(reqs[i]), self.sepllm_sep_ids,
+                        deferred_free, lambda i: self._sepllm_preempt(reqs[i]), rows)
+            if deferred_free:
+                mgr.block_pool.free_blocks(deferred_free)
+            stats.freed_blocks += mgr.num_blocks_freed - freed_before
+            if ev is not None:
+                stats.evicted_tokens += int(ev.evicted.sum())
+            stats.eviction_seconds += time.perf_counter() - t0
 
         popped_before = mgr.num_records_popped
         output = super().schedule(*args, **kwargs)
 
-        if ev is not None and ev.rids:
-            rids, kept, dropped_d = ev.rids, ev.kept, ev.dropped
-            src, dst = ev.src, ev.dst
-            if mgr.num_records_popped != popped_before:
-                # vLLM's schedule() preempted requests (their records and blocks are gone):
-                # drop their moves.
-                alive = np.fromiter(map(mgr.dropped.__contains__, rids), dtype=bool,
-                                    count=len(rids))
-                if not alive.all():
-                    for i in np.flatnonzero(~alive).tolist():
-                        mgr.uncount_compaction(rids[i])
-                    keep = alive[ev.owner]
-                    src, dst = src[keep], dst[keep]
-                    rids = list(compress(rids, alive))
-                    kept, dropped_d = kept[alive], dropped_d[alive]
-            compactions = dict(zip(rids, kept.tolist()))
-            dropped = dict(zip(rids, dropped_d.tolist()))
-        else:
-            compactions, dropped = {}, {}
-            src = dst = np.empty(0, dtype=np.int64)
-        stats.compactions += len(compactions)
-        stats.moved_tokens += len(src)
+        with record_function_or_nullcontext("sepllm: plan"):
+            if ev is not None and ev.rids:
+                rids, kept, dropped_d = ev.rids, ev.kept, ev.dropped
+                src, dst = ev.src, ev.dst
+                if mgr.num_records_popped != popped_before:
+                    # vLLM's schedule() preempted requests (their records and blocks are gone):
+                    # drop their moves.
+                    alive = np.fromiter(map(mgr.dropped.__contains__, rids), dtype=bool,
+                                        count=len(rids))
+                    if not alive.all():
+                        for i in np.flatnonzero(~alive).tolist():
+                            mgr.uncount_compaction(rids[i])
+                        keep = alive[ev.owner]
+                        src, dst = src[keep], dst[keep]
+                        rids = list(compress(rids, alive))
+                        kept, dropped_d = kept[alive], dropped_d[alive]
+                compactions = dict(zip(rids, kept.tolist()))
+                dropped = dict(zip(rids, dropped_d.tolist()))
+            else:
+                compactions, dropped = {}, {}
+                src = dst = np.empty(0, dtype=np.int64)
+            stats.compactions += len(compactions)
+            stats.moved_tokens += len(src)
 
-        scheduled = output.num_scheduled_tokens
-        # Requests that start (again) from an empty cache: D = 0.
-        fresh = scheduled.keys() - mgr.dropped.keys()
-        if fresh:
-            dropped.update(dict.fromkeys(fresh, 0))
-        masked_single: list[str] = []
-        if cache_size is None:
-            retention = {rid: self._retention_of(self.requests[rid])
-                         for rid in compress(scheduled, map(_MULTI, scheduled.values()))}
-            if defer:
-                # One-token rows whose cache was not evicted for their position this step:
-                # deferred prompts, and requests admitted (or resumed) by this schedule(),
-                # e.g. with prefix hits up to their last prompt token.
-                cached_reqs = output.scheduled_cached_reqs
-                candidates = [*(r.request_id for r in deferred),
-                              *(r.req_id for r in output.scheduled_new_reqs),
-                              *cached_reqs.resumed_req_ids]
-                for rid in candidates:
-                    if scheduled.get(rid) != 1:
-                        continue
-                    request = self.requests[rid]
-                    t = request.num_computed_tokens - 1  # it already counts this token
-                    if mgr.num_computed_of(rid) == t:
-                        continue  # evicted for this very position above
-                    r = self._retention_of(request)
-                    if t >= r.num_sinks + r.window:  # some key is no longer visible to t
-                        masked_single.append(rid)
-                        retention[rid] = r
-        else:
-            retention = {}
-        # The list right after the copy-out (the kept blocks): the workers append this step's
-        # new blocks themselves.
-        block_ids = {rid: [b.block_id for b in mgr.req_to_blocks[rid][:compactions[rid]]]
-                     for rid in mgr.copied_out if rid in compactions}
-        mgr.copied_out.clear()
-        setattr(output, PLAN_ATTR, StepPlan(
-            dropped, retention, compactions, src, dst, block_ids, masked_single))
+            scheduled = output.num_scheduled_tokens
+            # Requests that start (again) from an empty cache: D = 0.
+            fresh = scheduled.keys() - mgr.dropped.keys()
+            if fresh:
+                dropped.update(dict.fromkeys(fresh, 0))
+            masked_single: list[str] = []
+            if cache_size is None:
+                retention = {rid: self._retention_of(self.requests[rid])
+                             for rid in compress(scheduled, map(_MULTI, scheduled.values()))}
+                if defer:
+                    # One-token rows whose cache was not evicted for their position this step:
+                    # deferred prompts, and requests admitted (or resumed) by this schedule(),
+                    # e.g. with prefix hits up to their last prompt token.
+                    cached_reqs = output.scheduled_cached_reqs
+                    candidates = [*(r.request_id for r in deferred),
+                                  *(r.req_id for r in output.scheduled_new_reqs),
+                                  *cached_reqs.resumed_req_ids]
+                    for rid in candidates:
+                        if scheduled.get(rid) != 1:
+                            continue
+                        request = self.requests[rid]
+                        t = request.num_computed_tokens - 1  # it already counts this token
+                        if mgr.num_computed_of(rid) == t:
+                            continue  # evicted for this very position above
+                        r = self._retention_of(request)
+                        if t >= r.num_sinks + r.window:  # some key is no longer visible to t
+                            masked_single.append(rid)
+                            retention[rid] = r
+            else:
+                retention = {}
+            # The list right after the copy-out (the kept blocks): the workers append this step's
+            # new blocks themselves.
+            block_ids = {rid: [b.block_id for b in mgr.req_to_blocks[rid][:compactions[rid]]]
+                         for rid in mgr.copied_out if rid in compactions}
+            mgr.copied_out.clear()
+            setattr(output, PLAN_ATTR, StepPlan(
+                dropped, retention, compactions, src, dst, block_ids, masked_single))
         return output
 
     def _sepllm_preempt(self, request: Request) -> None:

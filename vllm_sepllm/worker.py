@@ -29,6 +29,7 @@ import torch
 
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.utils import record_function_or_nullcontext
 
 from vllm_sepllm import compat
 from vllm_sepllm.kv_manager import SepLLMSpec
@@ -230,7 +231,8 @@ class SepLLMRunnerMixin(SepLLMRunnerBase):
         state.masked_single = frozenset(plan.masked_single) if plan is not None else frozenset()
         if plan is not None:
             if plan.compactions:
-                self._sepllm_compact(plan)
+                with record_function_or_nullcontext("sepllm: compact"):
+                    self._sepllm_compact(plan)
                 if state.pe_shift:
                     state.rerotate.update(plan.compactions)
             state.dropped.update(plan.dropped)
@@ -275,6 +277,13 @@ class SepLLMRunnerMixin(SepLLMRunnerBase):
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        with record_function_or_nullcontext("sepllm: prepare_inputs"):
+            self._sepllm_inputs(scheduler_output)
+        return out
+
+    def _sepllm_inputs(self, scheduler_output) -> None:
+        """After vLLM's ``_prepare_inputs``: ``D`` per batch row, cache positions, ``seq_lens``,
+        slot mapping and slot records over the compacted cache."""
         state = self.sepllm
         num_reqs = self.input_batch.num_reqs
         total = scheduler_output.total_num_scheduled_tokens
@@ -310,7 +319,6 @@ class SepLLMRunnerMixin(SepLLMRunnerBase):
                 state.origin_pending = slots.clone()
             if state.rerotate:
                 self._sepllm_rerotate(req_ids[:num_reqs], dropped.numpy()[:num_reqs])
-        return out
 
     def _sepllm_rerotate(self, req_ids: list[str], dropped) -> None:
         """PE shift: give every retained key of the requests compacted since their last step
