@@ -136,7 +136,7 @@ for step in "$@"; do
           --out "$OUT/h200_w2_prof_$mode.json" > "$OUT/w2prof_$mode.log" 2>&1; echo "w2prof $mode rc=$?"
         grep -v "Capturing CUDA graphs\|it/s\]" "$OUT/w2prof_$mode.log" | tail -200 > "$OUT/w2prof.tmp"
         mv "$OUT/w2prof.tmp" "$OUT/w2prof_$mode.log"
-        python3 -c "import json,sys; [print(r['backend'], r['config'], r['elapsed_s'], json.dumps(r.get('profile', {}).get('timeline'))) for r in json.load(open(sys.argv[1]))]" "$OUT/h200_w2_prof_$mode.json"
+        python3 -c "import json,sys; [print(r.get('backend'), r.get('config'), r.get('elapsed_s'), r.get('error'), json.dumps(r.get('profile', {}).get('timeline'))) for r in json.load(open(sys.argv[1]))]" "$OUT/h200_w2_prof_$mode.json"
       done ;;
     oracle)  # end-to-end GPU oracle tests (tests/test_forced_logprobs.py; not all are marked
       # gpu, so they are named): ORACLE_TESTS (default: the Triton full-batch decode case, then
@@ -144,7 +144,8 @@ for step in "$@"; do
       f=tests/test_forced_logprobs.py
       timeout ${ORACLE_S:-500} python3 -m pytest -q -s -p no:cacheprovider ${ORACLE_TESTS:-$f::test_full_batch_triton_decode_matches_oracle $f::test_batched_eviction_matches_oracle $f::test_exact_eviction_matches_oracle} \
         > "$OUT/oracle.log" 2>&1; echo "oracle rc=$?"
-      grep -h "forced tokens\|passed\|failed\|Error" "$OUT/oracle.log" | tail -12
+      grep -h "forced tokens\|passed\|failed\|Error\|^tests/" "$OUT/oracle.log" | tail -40 > "$OUT/oracle_summary.txt"
+      tail -12 "$OUT/oracle_summary.txt"
       trim_logs "$OUT/oracle.log" ;;
     w2kernel)  # SEPLLM c356 alone on W2, default decode kernels (Triton for batches that fill
       # the GPU), then VLLM_SEPLLM_DECODE_KERNEL=flash (FA3 throughout): the decode kernel's

@@ -435,7 +435,7 @@ def run_one(args: argparse.Namespace) -> dict:
         if trace_file is not None:
             try:
                 record["profile"]["timeline"] = summarize(load_events(trace_file))
-            except (OSError, ValueError, KeyError) as e:
+            except (OSError, EOFError, ValueError, KeyError) as e:  # (a cut .gz: EOFError)
                 record["profile"]["timeline"] = {"error": f"{type(e).__name__}: {e}"}
             if args.profile_trace:
                 dest = Path(args.profile_trace)
@@ -591,6 +591,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON path; the plot goes next to it (.png)")
     p.add_argument("--plot-only", metavar="JSON", help="redraw the table and plot of a result")
     args = p.parse_args()
+    if args.profile_trace and not args.profile_steps:
+        p.error("--profile-trace needs --profile-steps")
 
     if args.plot_only:
         records = json.loads(Path(args.plot_only).read_text())

@@ -26,12 +26,12 @@ LOG2E = 1.4426950408889634
 _NUM_WARPS = 4
 _NUM_STAGES = 3
 #: Launch settings (keys per tile, warps, stages) when one split per (request, KV head) already
-#: fills the GPU (at least 4 programs per SM) and heads are at most 128 wide: batched eviction's
-#: steady decode. H200, Hq 32 / Hkv 8 / D 128, one layer (kernels.py decode_tune, two sweeps;
-#: benchmarks/README.md): 512 rows of 324-356 keys 185 and 181 us, against 185 and 195 us with
-#: 32/2/2, 215 and 193 us with the settings above and 219 us for FA3; 256 rows 100 us (32/2/2 99,
-#: FA3 120); 72 rows of ~2K keys 161 us (32/2/2 171, FA3 160); 512 rows of ~1K keys 497 us
-#: (32/2/2 495, FA3 532).
+#: fills the GPU (at least 4 programs per SM), heads are at most 128 wide and the cache is 16-bit
+#: or fp8: batched eviction's steady decode. H200, Hq 32 / Hkv 8 / D 128, one layer (kernels.py
+#: decode_tune, two sweeps; benchmarks/README.md): 512 rows of 324-356 keys 185 and 181 us,
+#: against 185 and 195 us with 32/2/2, 215 and 193 us with the settings above and 219 us for
+#: FA3; 256 rows 100 us (32/2/2 99, FA3 120); 512 rows of ~1K keys 497 us (32/2/2 495, FA3 532);
+#: 128 rows of ~1K keys 141 us (32/2/2 135, FA3 148). Other head layouts not timed with it yet.
 _FULL_GPU_LAUNCH = (128, 4, 3)
 _FULL_GPU_PROGRAMS_PER_SM = 4
 #: Splitting pays while it fills the GPU; below this many keys per split, launch and merge
@@ -213,9 +213,12 @@ def fills_gpu(batch: int, num_kv_heads: int, device: torch.device) -> bool:
 
 
 def launch_settings(batch: int, num_kv_heads: int, head_size: int, num_splits: int,
-                    device: torch.device) -> tuple[int, int, int]:
-    """(keys per tile, warps, stages) of :func:`sepllm_decode`'s default launch."""
-    if num_splits == 1 and head_size <= 128 and fills_gpu(batch, num_kv_heads, device):
+                    device: torch.device, kv_bytes: int = 2) -> tuple[int, int, int]:
+    """(keys per tile, warps, stages) of :func:`sepllm_decode`'s default launch; ``kv_bytes``:
+    bytes per cache element. The many-rows launch is for 16-bit and fp8 caches: with fp32 its
+    128-key tiles would need ~148 KB of shared memory (more than sm_86/89 GPUs have)."""
+    if (num_splits == 1 and head_size <= 128 and kv_bytes <= 2
+            and fills_gpu(batch, num_kv_heads, device)):
         return _FULL_GPU_LAUNCH
     return _tile_n(head_size), _NUM_WARPS, _NUM_STAGES
 
@@ -286,7 +289,8 @@ def sepllm_decode(
             max_cache_len = int(cache_lens.max())
         num_splits = default_num_splits(batch, num_kv_heads, max_cache_len, q.device)
 
-    default = launch_settings(batch, num_kv_heads, head_size, num_splits, q.device)
+    default = launch_settings(batch, num_kv_heads, head_size, num_splits, q.device,
+                              kv_cache.element_size())
     tile_n, num_warps, num_stages = (tile_n or default[0], num_warps or default[1],
                                      num_stages or default[2])
     group = num_heads // num_kv_heads

@@ -156,7 +156,8 @@ def test_decode(head_size, block_size, dtype, gqa, cache_len, num_splits):
 
 def test_launch_settings_fill_the_gpu_rule(monkeypatch):
     """The many-rows launch (measured fastest at batched eviction's shape) is taken exactly
-    when one split per (request, KV head) gives every SM 4 programs and heads are <= 128 wide."""
+    when one split per (request, KV head) gives every SM 4 programs, heads are <= 128 wide and
+    cache elements are at most 2 bytes."""
     from kernels import decode
 
     monkeypatch.setattr(decode, "_num_sms", lambda device: 132)
@@ -169,6 +170,8 @@ def test_launch_settings_fill_the_gpu_rule(monkeypatch):
     assert decode.launch_settings(512, 8, 128, 2, dev) == default  # split: the merge's shape
     assert decode.launch_settings(512, 8, 256, 1, dev) == (decode._tile_n(256),
                                                            decode._NUM_WARPS, decode._NUM_STAGES)
+    assert decode.launch_settings(512, 8, 128, 1, dev, kv_bytes=1) == decode._FULL_GPU_LAUNCH
+    assert decode.launch_settings(512, 8, 128, 1, dev, kv_bytes=4) == default  # fp32 cache
 
 
 @pytest.mark.gpu
