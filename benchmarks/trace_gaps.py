@@ -9,7 +9,8 @@ core (``throughput.py --profile-steps N --profile-trace DIR`` keeps it). Steps a
 union of GPU work), and the idle rest, as medians over the steps. Idle stretches of at least
 ``--min-gap-us`` are then attributed to the host work running meanwhile: for each CPU user
 annotation (vLLM's ``gpu_model_runner: ...`` and ``schedule: ...`` scopes with
-``VLLM_CUSTOM_SCOPES_FOR_PROFILING=1``, SepLLM's ``sepllm: ...`` scopes), the idle time it
+``VLLM_CUSTOM_SCOPES_FOR_PROFILING=1``, SepLLM's ``sepllm: ...`` scopes: the scheduler's, and
+the V1 model runner's hooks; the V2 runner's hooks carry none), the idle time it
 overlaps, in ms per step; ``unannotated`` is idle time under no annotation (the engine core's
 ``update_from_output``, output hand-off, Python between scopes). Annotations nest, so their
 overlaps can add up to more than the idle time.
