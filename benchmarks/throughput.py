@@ -71,7 +71,8 @@ from benchmarks.common import (  # noqa: E402
     real_prompts_and_continuations,
     separator_rate,
 )
-from benchmarks.trace_gaps import find_trace, load_events, summarize  # noqa: E402
+from benchmarks.trace_gaps import (find_trace, load_events, step_log_summary,  # noqa: E402
+                                   summarize)
 
 #: H200 figures used by the roofline (ENVIRONMENT.md: device-to-device copy, measured bf16 GEMM).
 H200_HBM_TBPS = 4.3
@@ -365,9 +366,9 @@ def run_one(args: argparse.Namespace) -> dict:
                  SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     if prof_dir is not None:
         llm.start_profile()
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     outs = llm.generate(inputs, params, use_tqdm=not args.no_progress)
-    elapsed = time.perf_counter() - t0
+    elapsed, wall1 = time.perf_counter() - t0, time.time()
     if prof_dir is not None:
         llm.stop_profile()
 
@@ -429,6 +430,8 @@ def run_one(args: argparse.Namespace) -> dict:
         "tensor_parallel_size": args.tensor_parallel_size,
         "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
     }
+    if "steps" in kv:  # where the timed run's wall time went (trace_gaps.step_log_summary)
+        record["step_log"] = step_log_summary(kv["steps"], kv.get("gc"), wall0, wall1)
     if prof_dir is not None:
         record["profile"] = profile_summary(prof_dir, args.profile_steps, args.profile_delay)
         trace_file = find_trace(prof_dir)

@@ -3,8 +3,11 @@
     python3 benchmarks/trace_gaps.py TRACE.pt.trace.json.gz [--min-gap-us 10]
 
 Reads a Chrome trace (``.json`` or ``.json.gz``) as vLLM's torch profiler writes it in the engine
-core (``throughput.py --profile-steps N --profile-trace DIR`` keeps it). Steps are vLLM's
-``execute_context_*`` GPU annotations; GPU work is every kernel, memcpy and memset. Per step
+core (``throughput.py --profile-steps N --profile-trace DIR`` keeps it). Steps start where the
+GPU starts each one: vLLM's ``execute_context_*`` GPU annotation where the trace has it, else
+the GPU side of the model runner's first scope (``gpu_model_runner: preprocess``, vLLM 0.26 with
+``VLLM_CUSTOM_SCOPES_FOR_PROFILING=1``), else the host's ``execute_context_*`` annotation; GPU
+work is every kernel, memcpy and memset. Per step
 (start of one annotation to the start of the next) it reports the period, the GPU busy time (the
 union of GPU work), and the idle rest, as medians over the steps. Idle stretches of at least
 ``--min-gap-us`` are then attributed to the host work running meanwhile: for each CPU user
@@ -13,7 +16,13 @@ annotation (vLLM's ``gpu_model_runner: ...`` and ``schedule: ...`` scopes with
 the V1 model runner's hooks; the V2 runner's hooks carry none), the idle time it
 overlaps, in ms per step; ``unannotated`` is idle time under no annotation (the engine core's
 ``update_from_output``, output hand-off, Python between scopes). Annotations nest, so their
-overlaps can add up to more than the idle time.
+overlaps can add up to more than the idle time. ``steps_ms`` lists each step's period and idle
+time (a run can change regime inside the window: host-bound steps next to GPU-bound ones).
+
+:func:`step_log_summary` reads the other record, which needs no profiler: the schedulers' step
+log over a whole run (``VLLM_SEPLLM_KV_TRACE``, vllm_sepllm/instrument.py), and says where the
+run's wall time went: step periods by kind (decode-only, with prompt tokens), the time lost to
+steps slower than the decode median, and the garbage collector's pauses.
 """
 
 from __future__ import annotations
@@ -26,6 +35,19 @@ from pathlib import Path
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 STEP_PREFIX = "execute_context_"
+GPU_STEP_SCOPE = "gpu_model_runner: preprocess"
+
+
+def step_starts(events: list[dict]) -> list[float]:
+    """Start times of the steps (module docstring: the first marker kind the trace has)."""
+    for cat, match in (("gpu_user_annotation", lambda n: n.startswith(STEP_PREFIX)),
+                       ("gpu_user_annotation", lambda n: n == GPU_STEP_SCOPE),
+                       ("user_annotation", lambda n: n.startswith(STEP_PREFIX))):
+        starts = sorted(float(e["ts"]) for e in events
+                        if e.get("cat") == cat and match(str(e.get("name", ""))))
+        if len(starts) >= 2:
+            return starts
+    return []
 
 
 def load_events(path: Path) -> list[dict]:
@@ -57,8 +79,7 @@ def summarize(events: list[dict], min_gap_us: float = 10.0) -> dict:
     Times in the trace are µs; results in ms."""
     gpu = merge([(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
                  if e.get("cat") in GPU_CATS])
-    steps = sorted(float(e["ts"]) for e in events if e.get("cat") == "gpu_user_annotation"
-                   and str(e.get("name", "")).startswith(STEP_PREFIX))
+    steps = step_starts(events)
     if len(steps) < 2 or not gpu:
         return {"steps": max(len(steps) - 1, 0), "error": "fewer than two annotated steps"
                 if len(steps) < 2 else "no GPU work in the trace"}
@@ -101,7 +122,65 @@ def summarize(events: list[dict], min_gap_us: float = 10.0) -> dict:
         "gap_ms_per_step": round(gap_total / n / 1e3, 3),
         "idle_by_host_annotation_ms_per_step": attribution,
         "largest_gaps_us": [round(g1 - g0, 1) for g0, g1 in biggest],
+        "steps_ms": [[round(p / 1e3, 2), round(i / 1e3, 2)] for p, i in zip(periods, idle)],
     }
+
+
+def _pct(x, q: float) -> float:
+    import numpy as np
+
+    return round(float(np.percentile(x, q)) * 1e3, 2)
+
+
+def step_log_summary(steps: list, gc_log: dict | None, t0: float, t1: float,
+                     slow_factor: float = 1.25) -> dict:
+    """Where the wall time of ``[t0, t1]`` went, from the scheduler's step log (rows of
+    ``[wall time, scheduled tokens, scheduled rows]``, instrument.py): a step's period is the
+    time to the next step's schedule (the last step's, to ``t1``). Decode-only steps (one token
+    per row) get percentiles and ``slow_excess_s``, the time they spent beyond ``slow_factor``
+    times their median; steps with prompt tokens and empty steps, count and time; the
+    collector's pauses in the window (over 1 ms) and its totals over the engine's life."""
+    import numpy as np
+
+    rows = [s for s in steps if t0 <= s[0] <= t1]
+    if not rows:
+        return {"error": "no steps in the timed window"}
+    a = np.asarray(rows, dtype=np.float64)
+    t = a[:, 0]
+    period = np.diff(np.append(t, t1))
+    tokens, nrows = a[:, 1], a[:, 2]
+    decode = (tokens == nrows) & (tokens > 0)
+    mixed = tokens > nrows
+    empty = tokens == 0
+    out = {"wall_s": round(t1 - t0, 2), "before_first_step_s": round(float(t[0] - t0), 3),
+           "steps": int(len(t))}
+    if decode.any():
+        d = period[decode]
+        med = float(np.median(d))
+        out["decode"] = {
+            "steps": int(decode.sum()), "time_s": round(float(d.sum()), 2),
+            "p50_ms": _pct(d, 50), "p90_ms": _pct(d, 90), "p99_ms": _pct(d, 99),
+            "max_ms": round(float(d.max()) * 1e3, 1),
+            "mean_rows": round(float(nrows[decode].mean()), 1),
+            "slow_steps": int((d > slow_factor * med).sum()),
+            "slow_excess_s": round(float(np.clip(d - slow_factor * med, 0, None).sum()), 2)}
+    if mixed.any():
+        m = period[mixed]
+        out["with_prompt_tokens"] = {"steps": int(mixed.sum()), "time_s": round(float(m.sum()), 2),
+                                     "p50_ms": _pct(m, 50),
+                                     "tokens": int(tokens[mixed].sum())}
+    if empty.any():
+        out["empty"] = {"steps": int(empty.sum()),
+                        "time_s": round(float(period[empty].sum()), 2)}
+    if gc_log:
+        pauses = [p for p in gc_log.get("pauses", []) if t0 <= p[0] <= t1 + 1.0]
+        out["gc"] = {"pauses_over_1ms": len(pauses),
+                     "pause_s": round(sum(p[2] for p in pauses), 3),
+                     "max_pause_ms": round(max((p[2] for p in pauses), default=0.0) * 1e3, 1),
+                     "by_generation": {str(g): sum(1 for p in pauses if p[1] == g)
+                                       for g in (0, 1, 2)},
+                     "engine_totals": gc_log.get("totals")}
+    return out
 
 
 def find_trace(directory: Path) -> Path | None:

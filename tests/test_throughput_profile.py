@@ -91,3 +91,57 @@ def test_trace_gaps_without_steps(tmp_path):
     step = "execute_context_1(16)_generation_0(0)"
     got = summarize([_x("gpu_user_annotation", step, t, 5) for t in (0, 10)])
     assert got["steps"] == 1 and got["error"] == "no GPU work in the trace"
+
+
+def test_trace_gaps_steps_from_the_runner_scope():
+    """vLLM 0.26's trace on the H200 marks ``execute_context_*`` on the host only: steps then
+    start at the GPU side of ``gpu_model_runner: preprocess`` (not at the host annotation,
+    which runs ahead of the GPU). Two regimes: a host-bound step (GPU idle 600 of 1,000 us)
+    then GPU-bound ones (idle 0)."""
+    from benchmarks.trace_gaps import step_starts, summarize
+
+    step = "execute_context_0(0)_generation_512(512)"
+    events = [_x("user_annotation", step, t, 300) for t in (-5000, -4000, -3000, -2000)]
+    events += [_x("gpu_user_annotation", "gpu_model_runner: preprocess", t, 50)
+               for t in (0, 1000, 2000, 3000)]
+    events += [_x("kernel", "gemm", 0, 400), _x("kernel", "gemm", 1000, 1000),
+               _x("kernel", "gemm", 2000, 1000)]
+    assert step_starts(events) == [0.0, 1000.0, 2000.0, 3000.0]
+    got = summarize(events)
+    assert got["steps"] == 3 and got["steps_ms"] == [[1.0, 0.6], [1.0, 0.0], [1.0, 0.0]]
+    # Without the runner scope on the GPU, the host annotation marks the steps.
+    host_only = [e for e in events if e["cat"] != "gpu_user_annotation"]
+    assert step_starts(host_only) == [-5000.0, -4000.0, -3000.0, -2000.0]
+
+
+def test_step_log_summary_splits_the_wall_time():
+    """A timed window of 10 s: 1 s before the first step, two prompt steps of 1 s, then decode
+    steps of 0.5 s, one of them 2 s (slow: 1.5 s beyond 1.25 x its median of 0.5 s), and a
+    collector pause inside the window (another before it is left out)."""
+    from benchmarks.trace_gaps import step_log_summary
+
+    t0 = 100.0
+    steps = [[99.0, 5, 1]]  # the warm-up, before the window
+    t = t0 + 1.0
+    for _ in range(2):
+        steps.append([t, 4096, 3])
+        t += 1.0
+    periods = [0.5] * 7 + [2.0] + [0.5] * 3
+    for p in periods:
+        steps.append([t, 8, 8])
+        t += p
+    assert t == t0 + 10.0
+    gc_log = {"pauses": [[99.5, 2, 0.2], [105.0, 2, 0.03], [106.0, 0, 0.002]],
+              "totals": [[50, 0.01], [5, 0.01], [2, 0.23]]}
+    got = step_log_summary(steps, gc_log, t0, t0 + 10.0)
+    assert got["wall_s"] == 10.0 and got["before_first_step_s"] == 1.0 and got["steps"] == 13
+    assert got["with_prompt_tokens"] == {"steps": 2, "time_s": 2.0, "p50_ms": 1000.0,
+                                         "tokens": 8192}
+    d = got["decode"]
+    assert d["steps"] == 11 and d["time_s"] == 7.0 and d["p50_ms"] == 500.0
+    assert d["max_ms"] == 2000.0 and d["slow_steps"] == 1 and d["slow_excess_s"] == 1.38
+    assert d["mean_rows"] == 8.0
+    assert got["gc"]["pauses_over_1ms"] == 2 and got["gc"]["pause_s"] == 0.032
+    assert got["gc"]["max_pause_ms"] == 30.0 and got["gc"]["by_generation"] == {
+        "0": 1, "1": 0, "2": 1}
+    assert step_log_summary(steps, None, 0.0, 50.0) == {"error": "no steps in the timed window"}
