@@ -218,6 +218,8 @@ def environment() -> dict:
     except ImportError:
         pass
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    # Host threads: the engine core inherits them (None: torch's default, one per core).
+    info["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
     # SEPLLM_COMMIT first: the GPU machine's copy of the tree may carry a stale .git.
     info["commit"] = os.environ.get("SEPLLM_COMMIT")
     if not info["commit"]:

@@ -163,7 +163,10 @@ def step_log_summary(steps: list, gc_log: dict | None, t0: float, t1: float,
             "max_ms": round(float(d.max()) * 1e3, 1),
             "mean_rows": round(float(nrows[decode].mean()), 1),
             "slow_steps": int((d > slow_factor * med).sum()),
-            "slow_excess_s": round(float(np.clip(d - slow_factor * med, 0, None).sum()), 2)}
+            "slow_excess_s": round(float(np.clip(d - slow_factor * med, 0, None).sum()), 2),
+            # the median of each tenth of the decode steps, in order (drift over the run)
+            "p50_ms_by_tenth": [round(float(np.median(x)) * 1e3, 2)
+                                for x in np.array_split(d, 10) if x.size]}
     if mixed.any():
         m = period[mixed]
         out["with_prompt_tokens"] = {"steps": int(mixed.sum()), "time_s": round(float(m.sum()), 2),
