@@ -123,7 +123,35 @@ def summarize(events: list[dict], min_gap_us: float = 10.0) -> dict:
         "idle_by_host_annotation_ms_per_step": attribution,
         "largest_gaps_us": [round(g1 - g0, 1) for g0, g1 in biggest],
         "steps_ms": [[round(p / 1e3, 2), round(i / 1e3, 2)] for p, i in zip(periods, idle)],
+        "host_phase_ms_per_step": host_phases(events),
     }
+
+
+def host_phases(events: list[dict]) -> dict[str, float]:
+    """Median host time per step of each CPU annotation (summed within a step: vLLM's
+    ``schedule: allocate_slots`` runs once per request), steps binned by the host's
+    ``execute_context_*`` annotations (empty without them); the step annotation itself is
+    ``execute_context``."""
+    import bisect
+
+    starts = sorted(float(e["ts"]) for e in events if e.get("cat") == "user_annotation"
+                    and str(e.get("name", "")).startswith(STEP_PREFIX))
+    if len(starts) < 2:
+        return {}
+    per: dict[str, list[float]] = {}
+    n = len(starts) - 1
+    for e in events:
+        if e.get("cat") != "user_annotation":
+            continue
+        t = float(e["ts"])
+        i = bisect.bisect_right(starts, t) - 1
+        if not 0 <= i < n:
+            continue
+        name = str(e.get("name", ""))
+        name = "execute_context" if name.startswith(STEP_PREFIX) else name
+        per.setdefault(name, [0.0] * n)[i] += float(e.get("dur", 0.0))
+    return {k: round(statistics.median(v) / 1e3, 3)
+            for k, v in sorted(per.items(), key=lambda kv: -statistics.median(kv[1]))}
 
 
 def _pct(x, q: float) -> float:

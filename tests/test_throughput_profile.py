@@ -106,9 +106,14 @@ def test_trace_gaps_steps_from_the_runner_scope():
                for t in (0, 1000, 2000, 3000)]
     events += [_x("kernel", "gemm", 0, 400), _x("kernel", "gemm", 1000, 1000),
                _x("kernel", "gemm", 2000, 1000)]
+    # Host phases per host step: one scope of 100 us in the first two steps, two of 60 us in
+    # the third (summed: 120 us); the median is 100 us.
+    events += [_x("user_annotation", "sepllm: eviction", t, d)
+               for t, d in ((-4900, 100), (-3900, 100), (-2900, 60), (-2800, 60))]
     assert step_starts(events) == [0.0, 1000.0, 2000.0, 3000.0]
     got = summarize(events)
     assert got["steps"] == 3 and got["steps_ms"] == [[1.0, 0.6], [1.0, 0.0], [1.0, 0.0]]
+    assert got["host_phase_ms_per_step"] == {"execute_context": 0.3, "sepllm: eviction": 0.1}
     # Without the runner scope on the GPU, the host annotation marks the steps.
     host_only = [e for e in events if e["cat"] != "gpu_user_annotation"]
     assert step_starts(host_only) == [-5000.0, -4000.0, -3000.0, -2000.0]
