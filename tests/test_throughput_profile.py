@@ -150,3 +150,59 @@ def test_step_log_summary_splits_the_wall_time():
     assert got["gc"]["max_pause_ms"] == 30.0 and got["gc"]["by_generation"] == {
         "0": 1, "1": 0, "2": 1}
     assert step_log_summary(steps, None, 0.0, 50.0) == {"error": "no steps in the timed window"}
+
+
+def test_step_log_of_the_tracking_scheduler(tmp_path, monkeypatch):
+    """The tracking schedulers (both backends' benchmarks) log each step's wall time, tokens and
+    rows, and the collector's work, into the KV trace file; at shutdown the collector hook
+    goes."""
+    import gc
+    import json
+    import types
+
+    from vllm_sepllm.instrument import TRACE_ENV, _TrackingMixin
+
+    class Pool:
+        num_gpu_blocks = 101
+
+        def get_num_free_blocks(self):
+            return 60
+
+    class Base:
+        def __init__(self):
+            self.kv_cache_manager = types.SimpleNamespace(block_pool=Pool())
+            self.running = [1, 2, 3]
+            self.outputs = iter([(3, {"a": 1, "b": 1, "c": 1}), (40, {"a": 38, "b": 1, "c": 1})])
+
+        def schedule(self):
+            total, per = next(self.outputs)
+            return types.SimpleNamespace(total_num_scheduled_tokens=total,
+                                         num_scheduled_tokens=per)
+
+        def shutdown(self):
+            pass
+
+    class Sched(_TrackingMixin, Base):
+        pass
+
+    path = tmp_path / "kv.json"
+    monkeypatch.setenv(TRACE_ENV, str(path))
+    s = Sched()
+    assert s._gc_callback in gc.callbacks
+    s.schedule()
+    s.schedule()
+    before = sum(n for n, _ in s._gc_totals)
+    gc.collect()
+    assert s._gc_totals[2][0] >= 1 and sum(n for n, _ in s._gc_totals) > before
+    s.shutdown()
+    assert s._gc_callback not in gc.callbacks
+    data = json.loads(path.read_text())
+    assert data["peak_kv_blocks"] == 40 and data["peak_running"] == 3
+    assert [st[1:] for st in data["steps"]] == [[3, 3], [40, 3]]
+    assert data["steps"][0][0] <= data["steps"][1][0]
+    assert data["gc"]["totals"][2][0] >= 1
+    # Without the variable nothing is logged and no hook is installed.
+    monkeypatch.delenv(TRACE_ENV)
+    quiet = Sched()
+    quiet.schedule()
+    assert quiet._step_log is None and quiet._gc_callback not in gc.callbacks
