@@ -13,14 +13,15 @@ import os
 import sys
 
 
-def main() -> None:
+def probe(spec_file: str) -> dict:
+    """The probe's result (what it prints after ``PROBE ``); also run by tests.probe_host."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # one process: no engine-core start-up
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from tests.engine import llm_engine
 
-    with open(sys.argv[1]) as f:
+    with open(spec_file) as f:
         spec = json.load(f)
     params = SamplingParams(max_tokens=spec["new_tokens"], temperature=0.0, ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
@@ -38,7 +39,11 @@ def main() -> None:
             result[name].append({"requests": [{"tokens": list(o.outputs[0].token_ids),
                                                "kv": o.kv_transfer_params["sepllm"]}
                                               for o in outs]})
-    print("PROBE " + json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    print("PROBE " + json.dumps(probe(sys.argv[1])), flush=True)
 
 
 if __name__ == "__main__":

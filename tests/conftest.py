@@ -38,6 +38,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _probe_host():
+    """The probe host (tests.engine.start_probe: one process runs the in-process engines of
+    every module's probe) stops at the end of the session."""
+    yield
+    from tests.engine import close_probe_host
+
+    close_probe_host()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _oracle_cache(tmp_path_factory):
+    """The Hugging Face oracle's disk cache (tests/oracle_hf.py): ``SEPLLM_ORACLE_CACHE`` where
+    set (CI), else a folder for this session, so that a module can compute its references
+    while its engines run in a probe process (tests.engine.prefetch) and its tests find them."""
+    if os.environ.get("SEPLLM_ORACLE_CACHE"):
+        yield
+        return
+    os.environ["SEPLLM_ORACLE_CACHE"] = str(tmp_path_factory.mktemp("oracle-cache"))
+    try:
+        yield
+    finally:
+        os.environ.pop("SEPLLM_ORACLE_CACHE", None)
+
+
 @pytest.fixture(scope="session")
 def model_path() -> str:
     from vllm_sepllm.testing.model import smollm2_path

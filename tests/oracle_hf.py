@@ -274,6 +274,7 @@ def greedy_generate(
     return generated
 
 
+@_disk_cached
 @torch.inference_mode()
 def forced_logprobs(
     model_path: str,

@@ -20,12 +20,13 @@ import os
 import sys
 
 
-def main() -> None:
+def probe(spec_file: str) -> list:
+    """The probe's result (what it prints after ``PROBE ``); also run by tests.probe_host."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler and KV are in reach
     from tests.engine import each_or_error
     from tests.generate_probe import run_one
 
-    with open(sys.argv[1]) as f:
+    with open(spec_file) as f:
         spec = json.load(f)
 
     def job_result(job: dict) -> dict:
@@ -34,8 +35,11 @@ def main() -> None:
                                    new_tokens=spec["new_tokens"]))
         return run_one(spec["model"], job["greedy"])
 
-    results = each_or_error(spec["jobs"], job_result)
-    print("PROBE " + json.dumps(results), flush=True)
+    return each_or_error(spec["jobs"], job_result)
+
+
+def main() -> None:
+    print("PROBE " + json.dumps(probe(sys.argv[1])), flush=True)
 
 
 def prefix_job(spec: dict) -> dict:

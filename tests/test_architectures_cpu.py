@@ -12,6 +12,10 @@ Both eviction rules run with prefix caching on (vLLM's default): exact eviction 
 batched eviction (``cache_size``; the prompt counts as one step). The requests must evict, and
 SepLLM must change the greedy tokens against full attention for some request of every family,
 so an engine that ignored the rule could not pass.
+
+The engines run in one probe (``tests.arch_probe``, in the session's probe host
+``tests.probe_host``); meanwhile this process computes the Hugging Face references
+(``tests.engine.prefetch``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.common import SHAPES, make_random_model
-from tests.engine import probe_ok, run_probe
+from tests.engine import prefetch, probe_ok, start_probe
 from tests.oracle_hf import greedy_generate
 
 SEPLLM = {"num_sinks": 4, "sep_cap": 16, "window": 64}
@@ -81,9 +85,18 @@ def sep_ids(tokenizer) -> set[int]:
     return set(separator_token_ids(tokenizer, SepLLMConfig()))
 
 
+def oracle(model: str, prompt: list[int], sep_ids, rule: str) -> list[int]:
+    """The Hugging Face oracle of ``rule`` (a key of RULES, or "full": full attention)."""
+    if rule == "full":
+        return greedy_generate(model, prompt, NEW_TOKENS, sep_ids, 0, None, 1 << 30, mode="full")
+    return greedy_generate(model, prompt, NEW_TOKENS, sep_ids, SEPLLM["num_sinks"],
+                           SEPLLM["sep_cap"], SEPLLM["window"], cache_size=RULES[rule])
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, model_path, prompts) -> dict[str, tuple[str, list]]:
-    """family -> (its checkpoint, per rule of RULES: the probe's result)."""
+def runs(request, tmp_path_factory, model_path, prompts, sep_ids) -> dict[str, tuple[str, list]]:
+    """family -> (its checkpoint, per rule of RULES: the probe's result); the oracle calls of
+    the selected tests are made meanwhile."""
     root = tmp_path_factory.mktemp("families")
     models = {name: str(make_random_model(root / name.replace(".", "_"), Path(model_path), shape,
                                           vary_vectors=0.1))
@@ -91,7 +104,13 @@ def runs(tmp_path_factory, model_path, prompts) -> dict[str, tuple[str, list]]:
     spec = root / "spec.json"
     spec.write_text(json.dumps({"models": models, "prompts": prompts, "new_tokens": NEW_TOKENS,
                                 "configs": [dict(SEPLLM, cache_size=c) for c in RULES.values()]}))
-    res = run_probe("tests.arch_probe", str(spec))
+    selected = [(item.callspec.params["name"], item.callspec.params["rule"])
+                for item in request.session.items if item.module is request.module]
+    calls = [lambda m=models[name], p=p, r=r: oracle(m, p, sep_ids, r)
+             for name, rule in selected for r in (rule, "full") for p in prompts]
+    with start_probe("tests.arch_probe", str(spec)) as probe:
+        prefetch(probe, calls)
+        res = probe.result()
     return {name: (models[name], res[name]) for name in ARCHS}
 
 
@@ -106,13 +125,10 @@ def test_family_equals_hf_oracle(runs, prompts, sep_ids, name, rule):
     kept = cache_size or SEPLLM["num_sinks"] + SEPLLM["sep_cap"] + SEPLLM["window"]
     assert all(kv["kv_evicted"] > 0 and kv["kv_retained"] <= kept + 1 for _, kv in got), \
         [kv for _, kv in got]
-    want = [greedy_generate(model, p, NEW_TOKENS, sep_ids, SEPLLM["num_sinks"],
-                            SEPLLM["sep_cap"], SEPLLM["window"], cache_size=cache_size)
-            for p in prompts]
+    want = [oracle(model, p, sep_ids, rule) for p in prompts]
     mismatches = [(i, next(j for j, (a, b) in enumerate(zip(g, w)) if a != b))
                   for i, ((g, _), w) in enumerate(zip(got, want)) if g != w]
     assert not mismatches, f"{name}: (prompt, first differing token) pairs: {mismatches}"
     # The rule matters for this checkpoint: full attention gives other tokens somewhere.
-    full = [greedy_generate(model, p, NEW_TOKENS, sep_ids, 0, None, 1 << 30, mode="full")
-            for p in prompts]
+    full = [oracle(model, p, sep_ids, "full") for p in prompts]
     assert full != want, f"{name}: SepLLM's oracle equals full attention on every prompt"

