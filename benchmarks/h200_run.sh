@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call on the lent H200(s): set up (bundle + CUDA extension), then the named steps.
 #   bash benchmarks/h200_run.sh STEP...      (logs and JSON under $OUT; see benchmarks/README.md)
-# Steps: ktests (GPU kernel tests), kbench (kernel benchmarks), w0|w1|w2 (throughput pairs on one
+# Steps: ktests (GPU kernel tests), kbench (kernel benchmarks), startup (an engine's start-up
+# timings, SEPLLM and FLASH_ATTN), w0|w1|w2 (throughput pairs on one
 # GPU, FLASH_ATTN vs SEPLLM; w1/w2: W_RUNS, W_ARGS, W_S), w0x2|w1x2|w2x2 (the pair's two engines
 # at once, one per GPU, on the 2-GPU machine), cli (serve + chat + bench through vLLM's CLI),
 # tp2 (tensor parallel 2 token check), w1tp2 (W1 pair at tensor parallel 2), stream_gpu1 (the
@@ -125,6 +126,13 @@ for step in "$@"; do
     kbench) timeout ${KBENCH_S:-150} python3 benchmarks/kernels.py --only ${KBENCH_ONLY:-prefill decode} \
               --out "$OUT/h200_kernels.json" > "$OUT/kernels.log" 2>&1; echo "kbench rc=$?"; tail -30 "$OUT/kernels.log" ;;
     w0) pair W0 ${W_S:-400} FLASH_ATTN SEPLLM:a4s64w256 ;;
+    startup)  # where an engine's start-up goes (vLLM's INFO timings): SEPLLM c356 then
+      # FLASH_ATTN, --fast-start, W0 at 16 requests; $OUT/startup.log, h200_startup.json
+      VLLM_LOGGING_LEVEL=INFO CUDA_VISIBLE_DEVICES=0 timeout ${STARTUP_S:-200} python3 benchmarks/throughput.py \
+        --workload W0 --num-requests 16 --runs SEPLLM:a4s64w256c356 FLASH_ATTN --fast-start --no-progress \
+        --out "$OUT/h200_startup.json" > "$OUT/startup.log" 2>&1; echo "startup rc=$?"
+      grep -v "it/s\]" "$OUT/startup.log" | tail -400 > "$OUT/startup.log.tmp"; mv "$OUT/startup.log.tmp" "$OUT/startup.log"
+      grep -iE "took|second|secs|captur|startup_s|\[[12]/2\]" "$OUT/startup.log" | cut -c1-260 | tail -50 ;;
     w1|w2)  # one GPU, one call: W_RUNS one after the other (SEPLLM c356 first, then FLASH_ATTN),
       # W_ARGS (default --fast-start). A W2 pair fits one call only where engines start in
       # ~15 s: on hosts that took 43-52 s, FLASH_ATTN was cut by the call's limit
