@@ -126,10 +126,10 @@ for step in "$@"; do
     kbench) timeout ${KBENCH_S:-150} python3 benchmarks/kernels.py --only ${KBENCH_ONLY:-prefill decode} \
               --out "$OUT/h200_kernels.json" > "$OUT/kernels.log" 2>&1; echo "kbench rc=$?"; tail -30 "$OUT/kernels.log" ;;
     w0) pair W0 ${W_S:-400} FLASH_ATTN SEPLLM:a4s64w256 ;;
-    startup)  # where an engine's start-up goes (vLLM's INFO timings): SEPLLM c356 then
+    startup)  # where an engine's start-up goes (vLLM's INFO timings): STARTUP_RUNS, SEPLLM c356 then
       # FLASH_ATTN, --fast-start, W0 at 16 requests; $OUT/startup.log, h200_startup.json
       VLLM_LOGGING_LEVEL=INFO CUDA_VISIBLE_DEVICES=0 timeout ${STARTUP_S:-200} python3 benchmarks/throughput.py \
-        --workload W0 --num-requests 16 --runs SEPLLM:a4s64w256c356 FLASH_ATTN --fast-start --no-progress \
+        --workload W0 --num-requests 16 --runs ${STARTUP_RUNS:-SEPLLM:a4s64w256c356 FLASH_ATTN} --fast-start --no-progress \
         --out "$OUT/h200_startup.json" > "$OUT/startup.log" 2>&1; echo "startup rc=$?"
       grep -v "it/s\]" "$OUT/startup.log" | tail -400 > "$OUT/startup.log.tmp"; mv "$OUT/startup.log.tmp" "$OUT/startup.log"
       grep -iE "took|second|secs|captur|startup_s|\[[12]/2\]" "$OUT/startup.log" | cut -c1-260 | tail -50 ;;
